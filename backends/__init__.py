@@ -1,0 +1,1 @@
+"""How users reach the passes: torch.compile backend and deploy (pytorch), CLI and TVM to come."""

@@ -1,0 +1,288 @@
+"""PyTorch entry points: `repfuse.deploy` and the `torch.compile(backend="repfuse")` backend.
+
+deploy() captures the model with dynamo (torch._dynamo.export: torch-level ops,
+parameters as attributes), fuses it once, and returns a standalone GraphModule
+whose fused weights are ordinary parameters.
+
+The torch.compile backend must not bake weights in: dynamo hands parameters in
+as graph inputs and does not guard on their identity or contents, so one
+compiled graph serves every instance of a module class and survives
+load_state_dict.  The fused graph therefore takes the fused weights as extra
+inputs, computed by a prologue from the parameters of each call and cached on
+the identity and `_version` of the tensors it read.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from ..passes import fx as fxpass
+from ..passes.report import FusionReport
+from ..patterns.planner import Plan
+
+log = logging.getLogger("repfuse")
+
+__all__ = ["deploy", "repfuse_backend", "TraceError", "compiled_graphs"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured as one graph."""
+
+
+# ---------------------------------------------------------------- deploy
+
+def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False) -> fx.GraphModule:
+    """The fused, inference-only form of `model` as a torch.fx.GraphModule.
+
+    The model is not modified (a copy is traced in eval mode).  The report is
+    at `result.meta["repfuse_report"]`; `explain=True` logs it, with the
+    reason for every op that was left alone.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    module = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        gm = _capture(module, example_inputs)
+        view = fxpass.FxView(gm)
+        before = fxpass.graph_stats(view)
+        fx_plan, view = fxpass.fuse(gm)
+        rows = fxpass.region_rows(view, fx_plan)
+
+        def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
+            name = _free_name(gm, name)
+            gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            with gm.graph.inserting_before(before_node):
+                return gm.graph.get_attr(name)
+
+        fxpass.apply_plan(view, fx_plan, constant_node, _like)
+        _drop_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        after = fxpass.graph_stats(fxpass.FxView(gm))
+    report = _report(view, fx_plan, before, after, rows)
+    gm.meta["repfuse_report"] = report
+    if explain:
+        log.warning("repfuse.deploy:\n%s", report.table(explain=True))
+    return gm
+
+
+def _capture(module: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    name = type(module).__name__
+    try:
+        gm, _ = torch._dynamo.export(module, same_signature=True)(*example_inputs)
+    except Exception as e:  # dynamo reports unsupported code with many exception types
+        raise TraceError(f"cannot trace {name}: {_trace_message(e)}") from None
+    finally:
+        torch._dynamo.reset()
+    return gm
+
+
+def _trace_message(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    where = ""
+    for line in text.splitlines():  # dynamo appends the user frame: File "...", line N, in forward
+        if line.strip().startswith("File ") and "site-packages/torch" not in line:
+            where = line.strip()
+    return f"{first} ({where})" if where else first
+
+
+def _like(region) -> torch.Tensor | None:
+    for key in ("val", "example_value"):
+        v = region.root.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+def _free_name(gm: nn.Module, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
+        if name not in used:
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()
+
+
+def _report(view, fx_plan: Plan, before, after, rows) -> FusionReport:
+    declined = [(str(k), v) for k, v in fx_plan.declined.items()]
+    return FusionReport(before=before, after=after, regions=rows, declined=declined)
+
+
+# ---------------------------------------------------------------- torch.compile backend
+
+_COMPILED: "weakref.WeakSet[FusedGraph]" = weakref.WeakSet()
+
+
+def compiled_graphs() -> list["FusedGraph"]:
+    """The fused graphs the backend has built and that are still alive (for inspection and tests)."""
+    return list(_COMPILED)
+
+
+def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None):
+    """torch.compile backend.  options: {"inner": "inductor" | "eager" | callable, "explain": bool}."""
+    options = dict(options or {})
+    inner = _inner_compiler(options.pop("inner", "inductor"))
+    explain = bool(options.pop("explain", False))
+    if options:
+        raise ValueError(f"repfuse backend: unknown options {sorted(options)} (known: inner, explain)")
+    reason = _not_inference(gm, example_inputs)
+    if reason:
+        log.info("repfuse: graph passed through unchanged: %s", reason)
+        return inner(gm, example_inputs)
+    fused = FusedGraph(gm, list(example_inputs), inner)
+    if explain:
+        log.warning("repfuse backend:\n%s", fused.report.table(explain=True))
+    if not fused.plan.regions:
+        return inner(gm, example_inputs)
+    _COMPILED.add(fused)
+    return fused
+
+
+def _inner_compiler(inner) -> Callable:
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    if inner == "eager":
+        return lambda gm, example_inputs: gm.forward
+    if inner == "tvm":
+        raise ValueError("repfuse backend: inner='tvm' is not available yet (coming with repfuse[tvm])")
+    raise ValueError(f"repfuse backend: unknown inner compiler {inner!r} (use 'inductor', 'eager' or a callable)")
+
+
+def _not_inference(gm: fx.GraphModule, example_inputs) -> str | None:
+    """Why this graph must not be rewritten, or None when it is an inference graph."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        return "gradients are required (grad enabled and inputs or parameters require grad)"
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.nn.functional.batch_norm and fxpass._arg(node, 5, "training", False):
+            return "BatchNorm in training mode"
+        if node.target is torch.batch_norm and node.args[5]:
+            return "BatchNorm in training mode"
+    return None
+
+
+def _parameter_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Indices of the placeholders that hold module parameters or buffers."""
+    from torch._dynamo.source import is_from_unspecialized_param_buffer_source
+
+    idx = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor):
+            continue
+        arg = node.meta.get("grapharg")
+        source = getattr(arg, "source", None)
+        if isinstance(value, nn.Parameter) or (source is not None and is_from_unspecialized_param_buffer_source(source)):
+            idx.append(i)
+    return idx
+
+
+class FusedGraph:
+    """The callable handed back to dynamo: prologue (cached fused weights) + inner-compiled fused graph."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, inner: Callable):
+        self.original = gm  # never modified: re-planned when parameters change
+        self.inner = inner
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.param_index = _parameter_inputs(gm, example_inputs)
+        self.recomputes = 0
+        self._fallback: Callable | None = None
+        self._use_fallback = False
+
+        params = [example_inputs[i] for i in self.param_index]
+        with torch.no_grad():
+            self.plan, view = self._plan(params)
+            before = fxpass.graph_stats(view)
+            rows = fxpass.region_rows(view, self.plan)
+            if not self.plan.regions:
+                self.report = FusionReport(before, before, [], [(str(k), v) for k, v in self.plan.declined.items()])
+                return
+            self.graph_module, new_placeholders, tensors = self._build(gm, params)
+            after = fxpass.graph_stats(fxpass.FxView(self.graph_module, self._constants(self.graph_module, params)))
+        self.report = FusionReport(before, after, rows, [(str(k), v) for k, v in self.plan.declined.items()])
+        self._signature = self.plan.signature()
+        self._remember(params, tensors)
+        self.compiled = inner(self.graph_module, list(example_inputs) + tensors)
+
+    # -- planning
+    def _constants(self, gm: fx.GraphModule, params: list) -> dict[fx.Node, torch.Tensor]:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return {placeholders[i]: t for i, t in zip(self.param_index, params)}
+
+    def _plan(self, params: list) -> tuple[Plan, fxpass.FxView]:
+        return fxpass.fuse(self.original, self._constants(self.original, params))
+
+    def _build(self, gm: fx.GraphModule, params: list):
+        work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        work_plan, view = fxpass.fuse(work, self._constants(work, params))
+        new_placeholders: list[fx.Node] = []
+
+        def constant_node(name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+            first_op = next(n for n in work.graph.nodes if n.op != "placeholder")
+            with work.graph.inserting_before(first_op):
+                node = work.graph.placeholder(name)
+            node.meta["example_value"] = tensor
+            new_placeholders.append(node)
+            return node
+
+        tensors = fxpass.apply_plan(view, work_plan, constant_node, _like)
+        work.graph.lint()
+        work.recompile()
+        return work, new_placeholders, list(tensors.values())
+
+    # -- prologue
+    def _remember(self, params: list, tensors: list) -> None:
+        self._params = list(params)
+        self._versions = [p._version for p in params]
+        self._tensors = tensors
+
+    def _fresh(self, params: Sequence[torch.Tensor]) -> bool:
+        return len(params) == len(self._params) and all(
+            p is q and p._version == v for p, q, v in zip(params, self._params, self._versions))
+
+    def _refresh(self, params: list) -> None:
+        self.recomputes += 1
+        with torch.no_grad():
+            new_plan, _ = self._plan(params)
+            if new_plan.signature() != self._signature:
+                log.warning("repfuse: new weights change what can be fused exactly; running the unfused graph")
+                self._use_fallback = True
+                self._remember(params, [])
+                return
+            like = self._tensors
+            tensors = []
+            for i, region in enumerate(new_plan.regions):
+                w, b = fxpass.fused_tensors(region, like[2 * i])
+                tensors += [w, b]
+        self._use_fallback = False
+        self._remember(params, tensors)
+
+    def __call__(self, *args):
+        params = [args[i] for i in self.param_index]
+        if not self._fresh(params):
+            self._refresh(params)
+        if self._use_fallback:
+            if self._fallback is None:
+                self._fallback = self.inner(self.original, list(args))
+            return self._fallback(*args)
+        return self.compiled(*args, *self._tensors)

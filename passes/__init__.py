@@ -1,0 +1,1 @@
+"""IR adapters (fx; onnx and relax to come) and the fusion report they share."""

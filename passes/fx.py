@@ -1,0 +1,786 @@
+"""PyTorch FX adapter: read FX nodes into the algebra, write fused convs back.
+
+Understands the three shapes FX graphs come in: module calls (symbolic_trace),
+torch-level functional calls (dynamo, with parameters as placeholders or as
+get_attr after torch._dynamo.export) and aten calls.  Recognition is written
+here, in FX's vocabulary; planning is `repfuse.patterns.planner.plan`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+from ..patterns import affine as A
+from ..patterns.affine import Declined
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan
+
+aten = torch.ops.aten
+
+__all__ = ["FxView", "fuse", "apply_plan", "FxFusion"]
+
+# Ops whose result is never a constant we may evaluate at plan time.
+_IMPURE_NAMES = {"setitem", "delitem", "rand", "randn", "randint", "rand_like", "randn_like",
+                 "randint_like", "dropout", "bernoulli", "normal", "uniform", "multinomial",
+                 "empty", "empty_like"}
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _is_pure(node: fx.Node) -> bool:
+    name = _name(node.target).split(".")[0]
+    return not (name in _IMPURE_NAMES or (name.endswith("_") and not name.endswith("__")))
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def node_shape(node) -> tuple | None:
+    """Static-or-symbolic shape recorded on a node by dynamo, export or ShapeProp."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value"):
+        v = node.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape)
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    return None
+
+
+def node_dtype(node) -> torch.dtype | None:
+    for key in ("val", "example_value"):
+        v = node.meta.get(key) if isinstance(node, fx.Node) else None
+        if isinstance(v, torch.Tensor):
+            return v.dtype
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(tm, "dtype", None)
+
+
+# ---------------------------------------------------------------- targets
+
+_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
+         aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BN_FUNCTIONAL = {F.batch_norm}  # (input, mean, var, weight, bias, training, momentum, eps)
+_BN_TORCH = {torch.batch_norm, aten.batch_norm.default}  # (input, weight, bias, mean, var, training, momentum, eps, ...)
+_LINEAR = {F.linear, aten.linear.default}
+_PAD = {F.pad, torch._C._nn.pad, aten.constant_pad_nd.default, aten.pad.default}
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+_AVG = {torch.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+        aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
+_AVG_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, "add"}
+_SUB = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, "sub"}
+_MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, "mul"}
+_DIV = {operator.truediv, torch.div, aten.div.Tensor, "div"}
+_NEG = {operator.neg, torch.neg, aten.neg.default, "neg"}
+_CAT = {torch.cat, torch.concat, aten.cat.default}
+_IDENTITY = {torch.clone, aten.clone.default, "clone", "contiguous", aten.alias.default}
+_DROPOUT = {F.dropout, torch.dropout, aten.dropout.default}
+
+
+# ---------------------------------------------------------------- the view
+
+class FxView:
+    """The planner's view of an FX graph.
+
+    `constants` maps placeholder nodes to the tensors they hold (dynamo's
+    parameters); get_attr nodes and module parameters are constants unless
+    they require grad while grad is enabled.  Constant-only computations
+    (weight slicing, masks, detach/view of parameters) are evaluated here.
+    """
+
+    def __init__(self, gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None = None):
+        self.gm = gm
+        self.graph = gm.graph
+        self.constants = constants or {}
+        self._const: dict[fx.Node, Any] = {}
+        self.pad_fills: dict[fx.Node, list[fx.Node]] = {}
+        self._values = [n for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+        self._outputs: set[fx.Node] = set()
+        for n in self.graph.nodes:
+            if n.op == "output":
+                fx.node.map_arg(n.args, self._outputs.add)
+            else:
+                self._const[n] = self._constant_value(n)
+
+    # -- GraphView protocol
+    def values(self):
+        return self._values
+
+    def single_consumer(self, node: fx.Node) -> bool:
+        if node in self._outputs:
+            return False
+        fills = self.pad_fills.get(node, ())
+        return len([u for u in node.users if u not in fills]) == 1
+
+    def channels_and_rank(self, node: fx.Node):
+        shape = node_shape(node)
+        if shape is None or len(shape) < 2 or _hint(shape[1]) is None:
+            return None
+        dtype = node_dtype(node)
+        if dtype is not None and not dtype.is_floating_point:
+            return None
+        return _hint(shape[1]), len(shape) - 2
+
+    def describe(self, node: fx.Node):
+        if self.const(node) is not None:
+            return None  # parameter-only computation, folded where it is read
+        read = self._reader(node)
+        return None if read is None else read(node)
+
+    # -- constants
+    def const(self, arg):
+        """The tensor (or Python number) an argument holds at plan time, else None."""
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return arg
+        return self._const.get(arg) if isinstance(arg, fx.Node) else None
+
+    def _constant_value(self, node: fx.Node):
+        """Evaluated once per node, in topological order, so inputs are already known."""
+        value = None
+        if node.op == "placeholder":
+            value = self.constants.get(node)
+        elif node.op == "get_attr":
+            value = _fetch_attr(self.gm, node.target)
+            if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+                value = None
+        elif node.op in ("call_function", "call_method") and _is_pure(node) and node.all_input_nodes:
+            value = self._evaluate(node)
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        return None
+
+    def _evaluate(self, node: fx.Node):
+        if any(self._const.get(n) is None for n in node.all_input_nodes):
+            return None
+        args = fx.node.map_arg(node.args, self._const.get)
+        kwargs = fx.node.map_arg(node.kwargs, self._const.get)
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)
+        except Exception:  # not evaluable on these values: treat as non-constant
+            return None
+
+    def module_tensor(self, t: torch.Tensor | None):
+        if t is None:
+            return None
+        if t.requires_grad and torch.is_grad_enabled():
+            raise Declined("weights require grad while grad is enabled (training graph)")
+        return t.detach()
+
+    def need_const(self, arg, what: str):
+        v = self.const(arg)
+        if v is None and arg is not None:
+            raise Declined(f"{what} is not a constant")
+        return v
+
+    # -- per-node readers
+    def _reader(self, node: fx.Node) -> Callable | None:
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            t = type(mod)
+            if t in _CONV_MODULES:
+                return self._conv_module
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                return self._bn_module
+            if t is nn.Linear:
+                return self._linear_module
+            if t in _AVG_MODULES:
+                return self._avg_module
+            if isinstance(mod, _PAD_MODULES):
+                return self._pad_module
+            if t is nn.Identity or (isinstance(mod, nn.modules.dropout._DropoutNd) and not mod.training):
+                return self._identity
+            return None
+        target = node.target
+        try:
+            if target in _CONV:
+                return self._conv
+            if target is aten.convolution.default:
+                return self._aten_convolution
+            if target in _BN_FUNCTIONAL:
+                return self._bn_functional
+            if target in _BN_TORCH:
+                return self._bn_torch
+            if target is operator.getitem:
+                return self._getitem
+            if target in _LINEAR:
+                return self._linear
+            if target in (aten.addmm.default, aten.mm.default, torch.matmul, operator.matmul):
+                return self._matmul
+            if target in _PAD:
+                return self._pad
+            if target in _AVG:
+                return self._avg
+            if target in _ADD:
+                return self._add
+            if target in _SUB:
+                return self._sub
+            if target in _MUL:
+                return self._mul
+            if target in _DIV:
+                return self._div
+            if target in _NEG:
+                return self._neg
+            if target in _CAT:
+                return self._cat
+            if target in _IDENTITY:
+                return self._identity
+            if target in _DROPOUT:
+                return self._dropout
+        except TypeError:  # unhashable target
+            return None
+        return None
+
+    def _input(self, node: fx.Node, arg) -> fx.Node:
+        if not isinstance(arg, fx.Node) or self.const(arg) is not None:
+            raise Declined("input is a constant")
+        return arg
+
+    def _conv_op(self, x, weight, bias, stride, padding, dilation, groups, rank) -> A.AffineConv:
+        w = torch.as_tensor(weight)
+        if w.dim() != rank + 2:
+            raise Declined("unsupported convolution weight layout")
+        k = w.shape[2:]
+        stride = A._tuple(stride, rank)
+        dilation = A._tuple(dilation, rank)
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = 0
+            elif padding == "same":
+                total = [d * (kk - 1) for d, kk in zip(dilation, k)]
+                padding = [(t // 2, t - t // 2) for t in total]
+            else:
+                raise Declined(f"padding={padding!r}")
+        return A.conv(_np(w), None if bias is None else _np(bias), stride, padding, dilation, groups)
+
+    def _conv(self, node):
+        rank = _CONV[node.target]
+        x = self._input(node, node.args[0])
+        w = self.need_const(_arg(node, 1, "weight"), "conv weight")
+        b = self.need_const(_arg(node, 2, "bias"), "conv bias")
+        op = self._conv_op(x, w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                           _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1), rank)
+        return Affine(x, op)
+
+    def _aten_convolution(self, node):
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+        if transposed:
+            return None
+        x = self._input(node, x)
+        w = self.need_const(w, "conv weight")
+        rank = torch.as_tensor(w).dim() - 2
+        return Affine(x, self._conv_op(x, w, self.need_const(b, "conv bias"), stride, padding, dilation,
+                                       groups, rank))
+
+    def _conv_module(self, node):
+        mod = self.gm.get_submodule(node.target)
+        if mod.padding_mode != "zeros":
+            raise Declined(f"padding_mode={mod.padding_mode!r}")
+        x = self._input(node, node.args[0])
+        op = self._conv_op(x, self.module_tensor(mod.weight), self.module_tensor(mod.bias), mod.stride,
+                           mod.padding, mod.dilation, mod.groups, _CONV_MODULES[type(mod)])
+        return Affine(x, op)
+
+    def _bn(self, node, x, mean, var, weight, bias, training, eps):
+        x = self._input(node, x)
+        if training:
+            raise Declined("BatchNorm in training mode uses batch statistics")
+        if mean is None or var is None:
+            raise Declined("BatchNorm without running statistics")
+        cr = self.channels_and_rank(x)
+        if cr is None:
+            raise Declined("input shape unknown")
+        vals = [self.need_const(t, "BatchNorm statistics") for t in (mean, var, weight, bias)]
+        return Affine(x, A.batchnorm(*[None if v is None else _np(v) for v in vals], float(eps), cr[1]))
+
+    def _bn_functional(self, node):
+        a = lambda i, n, d=None: _arg(node, i, n, d)  # noqa: E731
+        return self._bn(node, a(0, "input"), a(1, "running_mean"), a(2, "running_var"), a(3, "weight"),
+                        a(4, "bias"), a(5, "training", False), a(7, "eps", 1e-5))
+
+    def _bn_torch(self, node):
+        a = node.args
+        return self._bn(node, a[0], a[3], a[4], a[1], a[2], a[5], a[7])
+
+    def _bn_module(self, node):
+        mod = self.gm.get_submodule(node.target)
+        if mod.training or mod.running_mean is None:
+            raise Declined("BatchNorm uses batch statistics (training mode or no running stats)")
+        t = self.module_tensor
+        return self._bn(node, node.args[0], t(mod.running_mean), t(mod.running_var), t(mod.weight),
+                        t(mod.bias), False, mod.eps)
+
+    def _getitem(self, node):
+        src, index = node.args
+        if isinstance(src, fx.Node) and src.target is aten._native_batch_norm_legit_no_training.default \
+                and index == 0:
+            x, weight, bias, mean, var, _, eps = src.args[:7]
+            return self._bn(node, x, mean, var, weight, bias, False, eps)
+        return None
+
+    def _linear_of(self, node, x, weight, bias):
+        x = self._input(node, x)
+        shape = node_shape(x)
+        if shape is None or len(shape) != 2:
+            raise Declined("linear over inputs that are not [N, C]")
+        return Affine(x, A.linear(_np(weight), None if bias is None else _np(bias)))
+
+    def _linear(self, node):
+        return self._linear_of(node, node.args[0], self.need_const(_arg(node, 1, "weight"), "linear weight"),
+                               self.need_const(_arg(node, 2, "bias"), "linear bias"))
+
+    def _linear_module(self, node):
+        mod = self.gm.get_submodule(node.target)
+        return self._linear_of(node, node.args[0], self.module_tensor(mod.weight), self.module_tensor(mod.bias))
+
+    def _matmul(self, node):
+        if node.target is aten.addmm.default:
+            bias, x, mat = node.args[:3]
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                return None
+        else:
+            (x, mat), bias = node.args[:2], None
+        m = self.const(mat)
+        if not isinstance(m, torch.Tensor) or m.dim() != 2:
+            return None
+        b = self.need_const(bias, "addmm bias") if bias is not None else None
+        if b is not None and torch.as_tensor(b).numel() != m.shape[1]:
+            return None
+        return self._linear_of(node, x, m.t(), b)  # x @ M == linear(x, M.T)
+
+    def _pads_from_torch(self, x, pad) -> A.Pads:
+        """torch pad lists run from the last dim backwards: (last_begin, last_end, ...)."""
+        cr = self.channels_and_rank(x)
+        if cr is None:
+            raise Declined("input shape unknown")
+        rank = cr[1]
+        pad = [int(p) for p in pad]
+        if len(pad) % 2 or len(pad) // 2 > rank:
+            raise Declined("padding touches batch or channel dims")
+        if any(p < 0 for p in pad):
+            raise Declined("negative padding crops the input")
+        pairs = [(0, 0)] * rank
+        for i in range(len(pad) // 2):
+            pairs[rank - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+        return tuple(pairs)
+
+    def _pad(self, node):
+        x = self._input(node, node.args[0])
+        pad = _arg(node, 1, "pad")
+        if node.target is aten.constant_pad_nd.default:
+            mode, value = "constant", _arg(node, 2, "value", 0)
+        else:
+            mode, value = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+        if mode != "constant":
+            raise Declined(f"{mode} padding")
+        return self._padded(node, x, self._pads_from_torch(x, pad), value or 0.0)
+
+    def _pad_module(self, node):
+        mod = self.gm.get_submodule(node.target)
+        x = self._input(node, node.args[0])
+        return self._padded(node, x, self._pads_from_torch(x, mod.padding), float(getattr(mod, "value", 0.0)))
+
+    def _padded(self, node, x, pads, value):
+        channels = self.channels_and_rank(x)[0]
+        fill = self._border_fill(node, pads, channels)
+        values = np.full(channels, float(value)) if fill is None else fill
+        if not np.any(values):
+            return Affine(x, A.zero_pad(channels, pads))
+        return PadWith(x, pads, values)
+
+    def _border_fill(self, node, pads, channels) -> np.ndarray | None:
+        """Recognize `out = pad(x); out[.., border, ..] = v` for every border (DBB's BN-and-pad).
+
+        Returns the per-channel fill, None when there are no border writes;
+        raises Declined when writes exist but do not fill exactly the border.
+        """
+        writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
+        if not writes:
+            return None
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        readers = [u for u in node.users if u not in writes]
+        if readers and min(order[r] for r in readers) < max(order[w] for w in writes):
+            raise Declined("padded tensor is read before its border is written")
+        rank = len(pads)
+        need = {(d, side) for d, (b, e) in enumerate(pads) for side, p in (("begin", b), ("end", e)) if p}
+        fill = None
+        for w in writes:
+            index, value = w.args[1], self.const(w.args[2])
+            if value is None:
+                raise Declined("border value is not a constant")
+            side = _border_slice(index, pads, rank)
+            if side is None:
+                raise Declined("in-place write to the padded tensor is not exactly a border")
+            v = _per_channel(torch.as_tensor(value), (1, channels) + (1,) * rank, channels)
+            if v is None:
+                raise Declined("border value is not per-channel")
+            if fill is not None and not np.array_equal(fill, v):
+                raise Declined("borders are filled with different values")
+            fill = v
+            need.discard(side)
+        if need:
+            raise Declined("not every padded border is filled")
+        self.pad_fills[node] = writes
+        return fill
+
+    def _avg(self, node):
+        rank = _AVG[node.target]
+        a = lambda i, n, d=None: _arg(node, i, n, d)  # noqa: E731
+        return self._avg_of(node, a(0, "input"), rank, a(1, "kernel_size"), a(2, "stride"), a(3, "padding", 0),
+                            a(4, "ceil_mode", False), a(5, "count_include_pad", True), a(6, "divisor_override"))
+
+    def _avg_module(self, node):
+        mod = self.gm.get_submodule(node.target)
+        return self._avg_of(node, node.args[0], _AVG_MODULES[type(mod)], mod.kernel_size, mod.stride, mod.padding,
+                            mod.ceil_mode, mod.count_include_pad, getattr(mod, "divisor_override", None))
+
+    def _avg_of(self, node, x, rank, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+        x = self._input(node, x)
+        cr = self.channels_and_rank(x)
+        if cr is None or cr[1] != rank:
+            raise Declined("input shape unknown or not channels-first")
+        shape = node_shape(x)
+        return Affine(x, A.avg_pool(cr[0], rank, kernel, stride, padding, count_include_pad=count_include_pad,
+                                    ceil_mode=ceil_mode, divisor=divisor, input_size=shape[2:]))
+
+    def _identity(self, node):
+        x = self._input(node, node.args[0])
+        cr = self.channels_and_rank(x)
+        if cr is None:
+            raise Declined("input shape unknown")
+        return Affine(x, A.identity(*cr))
+
+    def _dropout(self, node):
+        training = _arg(node, 2, "training" if node.target is F.dropout else "train", True)
+        if training:
+            return None
+        return self._identity(node)
+
+    # -- elementwise
+    def _operands(self, node):
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        return (a, self.const(a)), (b, self.const(b))
+
+    def _channel_const(self, node, x, c) -> np.ndarray:
+        cr = self.channels_and_rank(x)
+        shape = node_shape(x)
+        if cr is None:
+            raise Declined("input shape unknown")
+        if isinstance(c, (int, float)):
+            return np.full(cr[0], float(c))
+        v = _per_channel(c, shape, cr[0])
+        if v is None:
+            raise Declined("constant operand is not per-channel")
+        return v
+
+    def _affine_elementwise(self, node, x, scale, shift):
+        x = self._input(node, x)
+        cr = self.channels_and_rank(x)
+        if cr is None:
+            raise Declined("input shape unknown")
+        return Affine(x, A.per_channel(np.broadcast_to(scale, (cr[0],)), np.broadcast_to(shift, (cr[0],)),
+                                       cr[1]))
+
+    def _sum(self, node, weights):
+        (a, ca), (b, cb) = self._operands(node)
+        alpha = node.kwargs.get("alpha", 1)
+        if not isinstance(alpha, (int, float)):
+            return None
+        wa, wb = weights[0], weights[1] * alpha
+        if ca is not None and cb is not None:
+            return None
+        if cb is not None:
+            return self._affine_elementwise(node, a, wa, wb * self._channel_const(node, a, cb))
+        if ca is not None:
+            return self._affine_elementwise(node, b, wb, wa * self._channel_const(node, b, ca))
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            return None
+        if node_shape(a) is None or node_shape(a) != node_shape(b) or node_shape(node) != node_shape(a):
+            raise Declined("operands of different shapes (broadcasting)")
+        if node.target in (operator.iadd, operator.isub) and len(a.users) > 1:
+            raise Declined("in-place add on a tensor that is read elsewhere")
+        return Sum((a, b), (wa, wb))
+
+    def _add(self, node):
+        return self._sum(node, (1.0, 1.0))
+
+    def _sub(self, node):
+        return self._sum(node, (1.0, -1.0))
+
+    def _mul(self, node):
+        (a, ca), (b, cb) = self._operands(node)
+        if (ca is None) == (cb is None):
+            return None
+        x, c = (a, cb) if cb is not None else (b, ca)
+        return self._affine_elementwise(node, x, self._channel_const(node, x, c), 0.0)
+
+    def _div(self, node):
+        (a, ca), (b, cb) = self._operands(node)
+        if ca is not None or cb is None or node.kwargs.get("rounding_mode") is not None:
+            return None
+        return self._affine_elementwise(node, a, 1.0 / self._channel_const(node, a, cb), 0.0)
+
+    def _neg(self, node):
+        cr = self.channels_and_rank(node.args[0])
+        return self._affine_elementwise(node, node.args[0], -1.0, 0.0) if cr else None
+
+    def _cat(self, node):
+        tensors = _arg(node, 0, "tensors")
+        dim = _arg(node, 1, "dim", 0)
+        shape = node_shape(node)
+        if shape is None or len(shape) < 2 or dim not in (1, 1 - len(shape)):
+            return None
+        if not all(isinstance(t, fx.Node) and self.const(t) is None for t in tensors):
+            return None
+        return Concat(tuple(tensors))
+
+
+# ---------------------------------------------------------------- helpers
+
+def _np(t) -> np.ndarray:
+    return torch.as_tensor(t).detach().to("cpu", torch.float64).numpy()
+
+
+def _hint(d) -> int | None:
+    """A concrete size: the int itself, or the example value behind a symbolic size."""
+    if isinstance(d, int):
+        return d
+    try:
+        return int(d.node.hint)
+    except Exception:
+        return None
+
+
+def _fetch_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _per_channel(c: torch.Tensor, shape, channels: int) -> np.ndarray | None:
+    """Vector of length `channels` if constant `c` broadcasts over a tensor of `shape` per channel."""
+    if shape is None:
+        return None
+    c = torch.as_tensor(c)
+    if c.numel() == 1:
+        return np.full(channels, float(c.reshape(())))
+    if c.dim() > len(shape):
+        return None
+    cs = (1,) * (len(shape) - c.dim()) + tuple(c.shape)
+    for i, n in enumerate(cs):
+        if n != 1 and not (i == 1 and n == channels):
+            return None
+    return _np(c).reshape(-1)
+
+
+def _border_slice(index, pads, rank):
+    """(dim, 'begin'|'end') if `index` selects exactly one padded border, else None."""
+    if not isinstance(index, tuple) or len(index) != rank + 2:
+        return None
+    if any(not isinstance(s, slice) or s != slice(None) for s in index[:2]):
+        return None
+    found = None
+    for d, s in enumerate(index[2:]):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            return None
+        if s == slice(None):
+            continue
+        if found is not None:
+            return None
+        b, e = pads[d]
+        if b and s.start in (None, 0) and s.stop == b:
+            found = (d, "begin")
+        elif e and s.start == -e and s.stop is None:
+            found = (d, "end")
+        else:
+            return None
+    return found
+
+
+# ---------------------------------------------------------------- writing back
+
+@dataclass
+class FxFusion:
+    """What a fusion did to a graph: the plan and the fused tensors it created."""
+
+    plan: Plan
+    new_constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    names: dict[Any, str] = field(default_factory=dict)
+
+
+_CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+
+def fused_tensors(region: Region, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused weight and bias as torch tensors in the model's dtype and device."""
+    dtype = like.dtype if like is not None and like.dtype.is_floating_point else torch.float32
+    device = like.device if like is not None else "cpu"
+    w = torch.from_numpy(np.ascontiguousarray(region.op.weight)).to(device=device, dtype=dtype)
+    b = torch.from_numpy(np.ascontiguousarray(region.op.bias)).to(device=device, dtype=dtype)
+    return w, b
+
+
+def apply_plan(view: FxView, fx_plan: Plan, constant_node: Callable[[str, torch.Tensor, fx.Node], fx.Node],
+               like: Callable[[Region], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Replace every planned region by one conv / linear node.
+
+    `constant_node(name, tensor, before)` creates the node that holds a new
+    constant (get_attr for deploy, placeholder for torch.compile).
+    """
+    graph = view.graph
+    created: dict[str, torch.Tensor] = {}
+    replaced: dict[fx.Node, fx.Node] = {}  # root of an applied region -> its fused node
+    for i, region in enumerate(fx_plan.regions):
+        root, source, op = region.root, replaced.get(region.source, region.source), region.op
+        w, b = fused_tensors(region, like(region))
+        wname, bname = f"repfuse_w{i}", f"repfuse_b{i}"
+        created[wname], created[bname] = w, b
+        w_node = constant_node(wname, w, root)
+        b_node = constant_node(bname, b, root)
+        with graph.inserting_before(root):
+            x = source
+            if op.rank == 0:
+                new = graph.call_function(F.linear, (x, w_node, b_node))
+            else:
+                sym = tuple(min(p) for p in op.pads)
+                extra = [(bg - s, en - s) for (bg, en), s in zip(op.pads, sym)]
+                if any(e != (0, 0) for e in extra):
+                    flat = [p for pair in reversed(extra) for p in pair]  # torch order: last dim first
+                    x = graph.call_function(F.pad, (x, flat))
+                new = graph.call_function(_CONV_FN[op.rank], (x, w_node, b_node, op.stride, sym, op.dilation,
+                                                              op.groups))
+        new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "example_value", "tensor_meta",
+                                                                       "stack_trace", "nn_module_stack")})
+        root.replace_all_uses_with(new)
+        replaced[root] = new
+        for n in reversed(region.nodes):
+            for fill in view.pad_fills.get(n, ()):
+                _erase(graph, fill)
+            _erase(graph, n)
+    return created
+
+
+def _erase(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase a dead node, then any pure inputs it leaves dead (constant subgraphs)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op in ("placeholder", "output") or getattr(n, "_erased", False):
+            continue
+        if n is not node and (n.op == "call_module" or not _is_pure(n)):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
+def fuse(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None = None) -> tuple[Plan, FxView]:
+    """Plan the fusion of `gm` (nothing is changed yet)."""
+    view = FxView(gm, constants)
+    return plan(view), view
+
+
+# ---------------------------------------------------------------- report
+
+def op_kind(node: fx.Node, gm: nn.Module) -> str:
+    """A readable op type: module class for call_module, function name otherwise."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._opname
+    return _name(node.target)
+
+
+def _conv_weight_shape(view: FxView, node: fx.Node):
+    if node.op == "call_module":
+        mod = view.gm.get_submodule(node.target)
+        if type(mod) in _CONV_MODULES:
+            return tuple(mod.weight.shape), mod.groups
+        if type(mod) is nn.Linear:
+            return tuple(mod.weight.shape), 1
+        return None
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in _CONV or target is aten.convolution.default:
+        w = view.const(node.args[1])
+        groups = node.args[8] if target is aten.convolution.default else _arg(node, 6, "groups", 1)
+    elif target in _LINEAR:
+        w, groups = view.const(_arg(node, 1, "weight")), 1
+    else:
+        return None
+    if isinstance(w, torch.Tensor):
+        return tuple(w.shape), groups
+    shape = node_shape(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+    return (shape, groups) if shape else None
+
+
+def graph_stats(view: FxView):
+    """Ops by type, conv count, MACs per sample and constant elements read."""
+    from .report import GraphStats
+
+    stats = GraphStats()
+    seen: set[int] = set()
+    for node in view.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            kind = op_kind(node, view.gm)
+            if kind in ("getitem", "setitem", "detach", "size"):
+                pass  # bookkeeping, not compute
+            elif view.const(node) is None:
+                stats.ops[kind] += 1
+            ws = _conv_weight_shape(view, node)
+            if ws is not None:
+                stats.convs += 1
+                (wshape, _), out = ws, node_shape(node)
+                dims = [_hint(d) for d in out[2:]] if out is not None else [None]
+                if None not in dims:
+                    positions = int(np.prod(dims, dtype=np.int64))
+                    stats.macs += positions * int(np.prod(wshape, dtype=np.int64))
+        tensors = []
+        if node.op == "call_module":
+            tensors = list(view.gm.get_submodule(node.target).parameters(recurse=False)) + \
+                list(view.gm.get_submodule(node.target).buffers(recurse=False))
+        elif node.op in ("get_attr", "placeholder") and node.users:
+            t = view.const(node)
+            tensors = [t] if isinstance(t, torch.Tensor) else []
+        for t in tensors:
+            if t is not None and id(t) not in seen and t.is_floating_point():
+                seen.add(id(t))
+                stats.params += t.numel()
+    return stats
+
+
+def region_rows(view: FxView, fx_plan: Plan):
+    from collections import Counter
+
+    from .report import RegionRow, describe_op
+
+    rows = []
+    for r in fx_plan.regions:
+        kinds = Counter(op_kind(n, view.gm) for n in r.nodes)
+        text = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in sorted(kinds.items()))
+        rows.append(RegionRow(str(r.root), str(r.source), len(r.nodes), text, describe_op(r.op)))
+    return rows

@@ -1,0 +1,229 @@
+"""The region planner: finds maximal affine regions in any IR and fuses each into one op.
+
+An adapter describes its graph through `GraphView`; values are opaque hashable
+keys.  For every value the planner keeps the affine map from the earliest
+tensor it can be expressed in ("its source") together with the values computed
+on the way (the region).  A value may sit inside a region only if its single
+consumer extended the map; everything else (graph outputs, values with several
+consumers, inputs of a refused rule) is a boundary and becomes a source.
+
+A region whose fused op the cost model rejects is cut at its root: the root's
+inputs become boundaries and the planner runs again, so the branches still fuse
+on their own.  Boundaries only grow, so this reaches a fixed point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol, Sequence
+
+import numpy as np
+
+from . import affine as A
+from .affine import AffineConv, Declined
+from .cost import elementwise_cost, op_cost
+
+Key = Hashable
+
+
+# ---------------------------------------------------------------- what an adapter says about a value
+
+@dataclass(frozen=True)
+class Affine:
+    """value = op(input)."""
+
+    input: Key
+    op: AffineConv
+
+
+@dataclass(frozen=True, eq=False)
+class PadWith:
+    """value = input padded by `pads` with the per-channel constant `values` (DBB's BN-and-pad)."""
+
+    input: Key
+    pads: A.Pads
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class Sum:
+    """value = sum_i weights[i] * inputs[i] (Add, Sub, add with alpha)."""
+
+    inputs: tuple[Key, ...]
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Concat:
+    """value = concatenation of inputs along the channel axis."""
+
+    inputs: tuple[Key, ...]
+
+
+Description = Affine | PadWith | Sum | Concat
+
+
+class GraphView(Protocol):
+    def values(self) -> Sequence[Key]:
+        """Every value produced by a node, in topological order."""
+
+    def describe(self, value: Key) -> Description | None:
+        """What the value computes, or None if it is not affine in one input."""
+
+    def single_consumer(self, value: Key) -> bool:
+        """True when exactly one node reads the value and it is not a graph output."""
+
+    def channels_and_rank(self, value: Key) -> tuple[int, int] | None:
+        """(channels, spatial rank) of a tensor value, or None when unknown."""
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(eq=False)
+class Region:
+    """`nodes` (topological order, root last) compute `op(source)`; `cost` is what they cost now."""
+
+    source: Key
+    op: AffineConv
+    nodes: tuple[Key, ...]
+    cost: float
+
+    @property
+    def root(self) -> Key:
+        return self.nodes[-1]
+
+    @property
+    def fused_cost(self) -> float:
+        return op_cost(self.op, self.op.stride)
+
+
+@dataclass
+class Plan:
+    regions: list[Region] = field(default_factory=list)
+    declined: dict[Key, str] = field(default_factory=dict)
+
+    def signature(self) -> list[tuple]:
+        """The structure of the plan without its numbers (to tell whether new weights change it)."""
+        return [(r.source, r.nodes, r.op.signature()) for r in self.regions]
+
+
+# ---------------------------------------------------------------- planner
+
+def plan(view: GraphView) -> Plan:
+    values = list(view.values())
+    order = {v: i for i, v in enumerate(values)}
+    boundaries: set[Key] = set()
+    for _ in range(len(values) + 1):
+        maps, declined = _build_maps(view, values, order, boundaries)
+        result, cuts = _select(view, maps, declined)
+        if not cuts - boundaries:
+            return result
+        boundaries |= cuts
+    return result
+
+
+def _build_maps(view: GraphView, values, order, boundaries):
+    maps: dict[Key, Region] = {}
+    declined: dict[Key, str] = {}
+
+    def input_map(u: Key) -> Region | None:
+        if u in maps and u not in boundaries and view.single_consumer(u):
+            return maps[u]
+        cr = view.channels_and_rank(u)
+        if cr is None:
+            return None
+        return Region(u, A.identity(*cr), (), 0.0)
+
+    def merged(parts: Sequence[Region], v: Key) -> tuple[Key, ...]:
+        nodes = {n for p in parts for n in p.nodes}
+        return tuple(sorted(nodes, key=order.__getitem__)) + (v,)
+
+    for v in values:
+        try:
+            d = view.describe(v)
+        except Declined as e:
+            declined[v] = str(e)
+            continue
+        if d is None:
+            continue
+        try:
+            region = _extend(view, v, d, input_map, merged)
+        except Declined as e:
+            declined[v] = str(e)
+            region = _fresh(view, v, d)
+        if region is not None:
+            maps[v] = region
+    return maps, declined
+
+
+def _fresh(view: GraphView, v: Key, d: Description) -> Region | None:
+    """The value as a one-node region over its direct input (after a refused rule)."""
+    if isinstance(d, Affine):
+        return Region(d.input, d.op, (v,), op_cost(d.op, d.op.stride))
+    return None
+
+
+def _extend(view, v, d, input_map, merged) -> Region | None:
+    if isinstance(d, Affine):
+        m = input_map(d.input)
+        if m is None or not m.nodes:
+            return _fresh(view, v, d)
+        reason = A.check_compose(d.op, m.op)
+        if reason:
+            raise Declined(reason)
+        op = A.compose(d.op, m.op)
+        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride))
+
+    if isinstance(d, PadWith):
+        m = input_map(d.input)
+        if m is None or not m.nodes:
+            return None
+        reason = A.check_pad_with(m.op, d.pads, d.values)
+        if reason:
+            raise Declined(reason)
+        op = A.pad_with(m.op, d.pads)
+        return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride))
+
+    maps = [input_map(u) for u in d.inputs]
+    if any(m is None for m in maps):
+        return None
+    sources = {m.source for m in maps}
+    if len(sources) != 1:
+        raise Declined("branches read different tensors")
+    if isinstance(d, Sum):
+        ops = [A.scale(m.op, w) if w != 1 else m.op for m, w in zip(maps, d.weights)]
+        op = ops[0]
+        for other in ops[1:]:
+            reason = A.check_add(op, other)
+            if reason:
+                raise Declined(reason)
+            op = A.add(op, other)
+    else:
+        ops = [m.op for m in maps]
+        reason = A.check_concat(ops)
+        if reason:
+            raise Declined(reason)
+        op = A.concat(ops)
+    cost = sum(m.cost for m in {id(m): m for m in maps}.values())
+    cost += elementwise_cost(op.out_channels, op.stride)
+    return Region(maps[0].source, op, merged(maps, v), cost)
+
+
+def _inputs(d: Description) -> tuple[Key, ...]:
+    return (d.input,) if isinstance(d, (Affine, PadWith)) else tuple(d.inputs)
+
+
+def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
+    absorbed = {n for r in maps.values() for n in r.nodes[:-1]}
+    result = Plan(declined=dict(declined))
+    cuts: set[Key] = set()
+    for v, region in maps.items():
+        if v in absorbed or len(region.nodes) < 2:
+            continue
+        if region.fused_cost > region.cost * (1 + 1e-9):
+            result.declined[v] = (f"fused op would cost {region.fused_cost:.0f} MACs per input position, "
+                                  f"more than the {region.cost:.0f} of the {len(region.nodes)} ops it replaces")
+            cuts.update(_inputs(view.describe(v)))
+            continue
+        result.regions.append(region)
+    return result, cuts

@@ -1,0 +1,234 @@
+"""Training-form blocks from the re-parameterization papers, written for the tests.
+
+Each block is built the way its paper trains it; nothing here knows about
+repfuse.  `randomize(model, seed)` gives every BatchNorm non-trivial statistics
+so that folding mistakes show up in the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def conv_bn(cin, cout, k, stride=1, padding=0, groups=1, dilation=1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class ConvBN(nn.Module):
+    def __init__(self, cin=4, cout=8, k=3, stride=1, padding=1, groups=1, dilation=1, bias=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class BNConv(nn.Module):
+    """BatchNorm before a conv: exact to fold only when the conv reads no padding."""
+
+    def __init__(self, c=4, cout=8, padding=0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, cout, 3, padding=padding)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+class LinearBN(nn.Module):
+    def __init__(self, cin=16, cout=12):
+        super().__init__()
+        self.fc = nn.Linear(cin, cout)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class RepVGGBlock(nn.Module):
+    """3x3-BN + 1x1-BN + BN identity (when shapes allow), then ReLU."""
+
+    def __init__(self, cin=8, cout=8, stride=1, groups=1):
+        super().__init__()
+        self.dense = conv_bn(cin, cout, 3, stride, 1, groups)
+        self.one = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+
+    def forward(self, x):
+        y = self.dense(x) + self.one(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return F.relu(y)
+
+
+class ACBlock(nn.Module):
+    """ACNet: square 3x3 plus horizontal 1x3 and vertical 3x1 kernels, each with BN."""
+
+    def __init__(self, cin=8, cout=8, stride=1):
+        super().__init__()
+        self.square = conv_bn(cin, cout, (3, 3), stride, (1, 1))
+        self.hor = conv_bn(cin, cout, (1, 3), stride, (0, 1))
+        self.ver = conv_bn(cin, cout, (3, 1), stride, (1, 0))
+
+    def forward(self, x):
+        return self.square(x) + self.hor(x) + self.ver(x)
+
+
+class BNAndPad(nn.Module):
+    """DBB's BN-and-pad layer: pad a BN output with the value the BN gives a zero input."""
+
+    def __init__(self, c, pad):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.pad = pad
+
+    def forward(self, x):
+        y = self.bn(x)
+        if self.pad == 0:
+            return y
+        bn = self.bn
+        fill = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fill = fill.view(1, -1, 1, 1)
+        p = self.pad
+        y = F.pad(y, [p, p, p, p])
+        y[:, :, 0:p, :] = fill
+        y[:, :, -p:, :] = fill
+        y[:, :, :, 0:p] = fill
+        y[:, :, :, -p:] = fill
+        return y
+
+
+class DBBBlock(nn.Module):
+    """Diverse Branch Block: kxk-BN, 1x1-BN, 1x1-BN->avgpool-BN, 1x1-BN->kxk-BN.
+
+    `bn_and_pad=True` uses DBB's own layer (padding after the 1x1 with the BN's zero
+    response, kxk unpadded), which makes the whole block one conv.  With False
+    the 1x1-BN output is zero-padded by the kxk conv itself, which is not exact
+    to fold, so those branches must stay.
+    """
+
+    def __init__(self, cin=8, cout=8, k=3, stride=1, groups=1, bn_and_pad=True):
+        super().__init__()
+        p = k // 2
+        self.kxk = conv_bn(cin, cout, k, stride, p, groups)
+        self.one = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.avg_conv = nn.Conv2d(cin, cout, 1, groups=groups, bias=False)
+        self.avg_pad = BNAndPad(cout, p) if bn_and_pad else nn.BatchNorm2d(cout)
+        self.avg = nn.AvgPool2d(k, stride, padding=0 if bn_and_pad else p)
+        self.avg_bn = nn.BatchNorm2d(cout)
+        self.chain_conv = nn.Conv2d(cin, cin, 1, groups=groups, bias=False)
+        self.chain_pad = BNAndPad(cin, p) if bn_and_pad else nn.BatchNorm2d(cin)
+        self.chain_kxk = nn.Conv2d(cin, cout, k, stride, 0 if bn_and_pad else p, groups=groups, bias=False)
+        self.chain_bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        a = self.kxk(x)
+        b = self.one(x)
+        c = self.avg_bn(self.avg(self.avg_pad(self.avg_conv(x))))
+        d = self.chain_bn(self.chain_kxk(self.chain_pad(self.chain_conv(x))))
+        return a + b + c + d
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne: k over-parameterized conv-BN branches + 1x1 scale branch + BN identity.
+
+    depthwise=True is the 3x3 depthwise half, False the 1x1 pointwise half.
+    """
+
+    def __init__(self, c=8, k_branches=3, depthwise=True, stride=1):
+        super().__init__()
+        groups = c if depthwise else 1
+        kernel = 3 if depthwise else 1
+        self.branches = nn.ModuleList(conv_bn(c, c, kernel, stride, kernel // 2, groups) for _ in range(k_branches))
+        self.scale = conv_bn(c, c, 1, stride, 0, groups) if depthwise else None
+        self.identity = nn.BatchNorm2d(c) if stride == 1 else None
+
+    def forward(self, x):
+        y = self.identity(x) if self.identity is not None else 0
+        if self.scale is not None:
+            y = y + self.scale(x)
+        for branch in self.branches:
+            y = y + branch(x)
+        return F.relu(y)
+
+
+class RepGhostBlock(nn.Module):
+    """RepGhost's re-parameterizable part: depthwise conv-BN plus a BN shortcut, added."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.cheap = conv_bn(c, c, 3, 1, 1, groups=c)
+        self.fusion_bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.cheap(x) + self.fusion_bn(x))
+
+
+class DilatedBranches(nn.Module):
+    """A dilated 3x3 summed with an undilated 1x1 on the same grid."""
+
+    def __init__(self, c=8, dilation=2):
+        super().__init__()
+        self.a = conv_bn(c, c, 3, 1, dilation, dilation=dilation)
+        self.b = conv_bn(c, c, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class SharedWeight(nn.Module):
+    """One conv weight read by two convs (e.g. a tied kernel), each followed by its own BN."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn1(self.conv(x))
+        z = self.bn2(F.conv2d(F.relu(y), self.conv.weight, None, 1, 1))
+        return z
+
+
+class TinyRepNet(nn.Module):
+    """A small network mixing the blocks, for end-to-end tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = RepVGGBlock(3, 16, stride=2)
+        self.b1 = RepVGGBlock(16, 16)
+        self.ac = ACBlock(16, 16)
+        self.dbb = DBBBlock(16, 16)
+        self.mo_dw = MobileOneBlock(16, depthwise=True)
+        self.mo_pw = MobileOneBlock(16, depthwise=False)
+        self.head = nn.Linear(16, 10)
+        self.head_bn = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        x = self.b1(self.stem(x))
+        x = F.relu(self.ac(x))
+        x = F.relu(self.dbb(x))
+        x = self.mo_pw(self.mo_dw(x))
+        x = x.mean((2, 3))
+        return self.head_bn(self.head(x))

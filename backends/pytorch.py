@@ -50,23 +50,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False) -> f
     module = copy.deepcopy(model).eval()
     with torch.no_grad():
         gm = _capture(module, example_inputs)
-        view = fxpass.FxView(gm)
-        before = fxpass.graph_stats(view)
-        fx_plan, view = fxpass.fuse(gm)
-        rows = fxpass.region_rows(view, fx_plan)
-
-        def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
-            name = _free_name(gm, name)
-            gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-            with gm.graph.inserting_before(before_node):
-                return gm.graph.get_attr(name)
-
-        fxpass.apply_plan(view, fx_plan, constant_node, _like)
-        _drop_unused_attributes(gm)
-        gm.graph.lint()
-        gm.recompile()
-        after = fxpass.graph_stats(fxpass.FxView(gm))
-    report = _report(view, fx_plan, before, after, rows)
+        report = fxpass.fuse_graph_module(gm)
     gm.meta["repfuse_report"] = report
     if explain:
         log.warning("repfuse.deploy:\n%s", report.table(explain=True))
@@ -75,11 +59,15 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False) -> f
 
 def _capture(module: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     name = type(module).__name__
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)  # dynamic-shape solver chatter is not the user's concern
     try:
         gm, _ = torch._dynamo.export(module, same_signature=True)(*example_inputs)
     except Exception as e:  # dynamo reports unsupported code with many exception types
         raise TraceError(f"cannot trace {name}: {_trace_message(e)}") from None
     finally:
+        shapes_log.setLevel(level)
         torch._dynamo.reset()
     return gm
 
@@ -92,35 +80,6 @@ def _trace_message(e: BaseException) -> str:
         if line.strip().startswith("File ") and "site-packages/torch" not in line:
             where = line.strip()
     return f"{first} ({where})" if where else first
-
-
-def _like(region) -> torch.Tensor | None:
-    for key in ("val", "example_value"):
-        v = region.root.meta.get(key)
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
-
-
-def _free_name(gm: nn.Module, name: str) -> str:
-    candidate, i = name, 0
-    while hasattr(gm, candidate):
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
-        if name not in used:
-            delattr(gm, name)
-    gm.delete_all_unused_submodules()
-
-
-def _report(view, fx_plan: Plan, before, after, rows) -> FusionReport:
-    declined = [(str(k), v) for k, v in fx_plan.declined.items()]
-    return FusionReport(before=before, after=after, regions=rows, declined=declined)
 
 
 # ---------------------------------------------------------------- torch.compile backend
@@ -245,7 +204,7 @@ class FusedGraph:
             new_placeholders.append(node)
             return node
 
-        tensors = fxpass.apply_plan(view, work_plan, constant_node, _like)
+        tensors = fxpass.apply_plan(view, work_plan, constant_node, fxpass.example_like)
         work.graph.lint()
         work.recompile()
         return work, new_placeholders, list(tensors.values())

@@ -146,7 +146,7 @@ class FxView:
     # -- constants
     def const(self, arg):
         """The tensor (or Python number) an argument holds at plan time, else None."""
-        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        if isinstance(arg, torch.Tensor) or (isinstance(arg, (int, float)) and not isinstance(arg, bool)):
             return arg
         return self._const.get(arg) if isinstance(arg, fx.Node) else None
 
@@ -701,6 +701,68 @@ def fuse(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None = Non
     """Plan the fusion of `gm` (nothing is changed yet)."""
     view = FxView(gm, constants)
     return plan(view), view
+
+
+def fuse_graph_module(gm: fx.GraphModule, example_inputs=None):
+    """Fuse `gm` in place, its weights read from get_attr nodes and submodules; returns the FusionReport.
+
+    Works on graphs from torch.fx.symbolic_trace (module calls), torch._dynamo.export
+    (torch functions) and torch.export (aten ops).  Shapes come from node meta;
+    when they are missing, `example_inputs` are run through ShapeProp first.
+    Parameters that require grad count as constants only under torch.no_grad().
+    """
+    from .report import FusionReport
+
+    if example_inputs is not None and any(node_shape(n) is None for n in gm.graph.nodes if n.op == "placeholder"):
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        ShapeProp(gm).propagate(*example_inputs)
+    before = graph_stats(FxView(gm))
+    fx_plan, view = fuse(gm)
+    rows = region_rows(view, fx_plan)
+
+    def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
+        name = _free_name(gm, name)
+        gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        with gm.graph.inserting_before(before_node):
+            return gm.graph.get_attr(name)
+
+    apply_plan(view, fx_plan, constant_node, example_like)
+    _drop_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+    after = graph_stats(FxView(gm))
+    declined = [(str(k), v) for k, v in fx_plan.declined.items()]
+    return FusionReport(before=before, after=after, regions=rows, declined=declined)
+
+
+def example_like(region: Region) -> torch.Tensor | None:
+    """A tensor (often fake) with the dtype and device the fused weights should have."""
+    root = region.root
+    for key in ("val", "example_value"):
+        v = root.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            return v
+    tm = root.meta.get("tensor_meta")
+    if tm is not None:
+        return torch.empty(0, dtype=tm.dtype)
+    return None
+
+
+def _free_name(gm: nn.Module, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
+        if name not in used:
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()
 
 
 # ---------------------------------------------------------------- report

@@ -156,6 +156,18 @@ def _parameter_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
     return idx
 
 
+def _static_examples(tensors: list[torch.Tensor]) -> list:
+    """The fused weights as fake tensors of dynamo's fake mode, with static shapes.
+
+    Real tensors unknown to dynamo would be fakeified by the inner compiler with
+    fresh symbolic sizes that have no source, which breaks guard creation.
+    """
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.fake_mode is None:
+        return tensors
+    return [context.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
 class FusedGraph:
     """The callable handed back to dynamo: prologue (cached fused weights) + inner-compiled fused graph."""
 
@@ -181,7 +193,7 @@ class FusedGraph:
         self.report = FusionReport(before, after, rows, [(str(k), v) for k, v in self.plan.declined.items()])
         self._signature = self.plan.signature()
         self._remember(params, tensors)
-        self.compiled = inner(self.graph_module, list(example_inputs) + tensors)
+        self.compiled = inner(self.graph_module, list(example_inputs) + _static_examples(tensors))
 
     # -- planning
     def _constants(self, gm: fx.GraphModule, params: list) -> dict[fx.Node, torch.Tensor]:

@@ -113,9 +113,12 @@ def plan(view: GraphView) -> Plan:
     values = list(view.values())
     order = {v: i for i, v in enumerate(values)}
     boundaries: set[Key] = set()
+    cost_refusals: dict[Key, str] = {}  # kept across rounds: a cut region's reason is the useful one
     for _ in range(len(values) + 1):
         maps, declined = _build_maps(view, values, order, boundaries)
         result, cuts = _select(view, maps, declined)
+        cost_refusals.update({k: v for k, v in result.declined.items() if k not in declined})
+        result.declined.update(cost_refusals)
         if not cuts - boundaries:
             return result
         boundaries |= cuts

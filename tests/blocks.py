@@ -232,3 +232,28 @@ class TinyRepNet(nn.Module):
         x = self.mo_pw(self.mo_dw(x))
         x = x.mean((2, 3))
         return self.head_bn(self.head(x))
+
+
+class ConcatBranches(nn.Module):
+    """Parallel conv-BN branches concatenated on channels (horizontal merge): one conv."""
+
+    def __init__(self, cin=4, k_b=3):
+        super().__init__()
+        self.a = conv_bn(cin, 3, 3, 1, 1)
+        self.b = conv_bn(cin, 5, k_b, 1, k_b // 2)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+class ScaledResidual(nn.Module):
+    """x * s + conv(x) - 0.5 * bn(x): per-channel Mul/Sub by constants joining the region."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv = conv_bn(c, c, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+        self.scale = nn.Parameter(torch.rand(1, c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale + self.conv(x) - 0.5 * self.bn(x)

@@ -9,7 +9,6 @@ here, in FX's vocabulary; planning is `repfuse.patterns.planner.plan`.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +23,7 @@ from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan
 
 aten = torch.ops.aten
 
-__all__ = ["FxView", "fuse", "apply_plan", "FxFusion"]
+__all__ = ["FxView", "fuse", "fuse_graph_module", "apply_plan", "graph_stats"]
 
 # Ops whose result is never a constant we may evaluate at plan time.
 _IMPURE_NAMES = {"setitem", "delitem", "rand", "randn", "randint", "rand_like", "randn_like",
@@ -621,15 +620,6 @@ def _border_slice(index, pads, rank):
 
 
 # ---------------------------------------------------------------- writing back
-
-@dataclass
-class FxFusion:
-    """What a fusion did to a graph: the plan and the fused tensors it created."""
-
-    plan: Plan
-    new_constants: dict[str, torch.Tensor] = field(default_factory=dict)
-    names: dict[Any, str] = field(default_factory=dict)
-
 
 _CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 

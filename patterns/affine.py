@@ -325,10 +325,10 @@ def concat(ops: Sequence[AffineConv]) -> AffineConv:
 # ---------------------------------------------------------------- compose
 
 def _is_pure_padding(op: AffineConv) -> bool:
-    pc = None
-    if all(k == 1 for k in op.kernel) and all(s == 1 for s in op.stride) and op.groups == op.out_channels:
-        pc = op.weight.reshape(-1), op.bias
-    return pc is not None and op.in_channels == op.out_channels and np.all(pc[0] == 1) and not np.any(pc[1])
+    """Identity weights, no bias, stride 1: the op only zero-pads its input."""
+    pc = op.per_channel() if not op.has_padding() else AffineConv(
+        op.weight, op.bias, op.stride, ((0, 0),) * op.rank, op.dilation, op.groups).per_channel()
+    return pc is not None and bool(np.all(pc[0] == 1)) and not np.any(pc[1])
 
 
 def check_compose(b: AffineConv, a: AffineConv) -> str | None:

@@ -255,7 +255,7 @@ class FxView:
             raise Declined("input is a constant")
         return arg
 
-    def _conv_op(self, x, weight, bias, stride, padding, dilation, groups, rank) -> A.AffineConv:
+    def _conv_op(self, weight, bias, stride, padding, dilation, groups, rank) -> A.AffineConv:
         w = torch.as_tensor(weight)
         if w.dim() != rank + 2:
             raise Declined("unsupported convolution weight layout")
@@ -277,7 +277,7 @@ class FxView:
         x = self._input(node, node.args[0])
         w = self.need_const(_arg(node, 1, "weight"), "conv weight")
         b = self.need_const(_arg(node, 2, "bias"), "conv bias")
-        op = self._conv_op(x, w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+        op = self._conv_op(w, b, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
                            _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1), rank)
         return Affine(x, op)
 
@@ -288,7 +288,7 @@ class FxView:
         x = self._input(node, x)
         w = self.need_const(w, "conv weight")
         rank = torch.as_tensor(w).dim() - 2
-        return Affine(x, self._conv_op(x, w, self.need_const(b, "conv bias"), stride, padding, dilation,
+        return Affine(x, self._conv_op(w, self.need_const(b, "conv bias"), stride, padding, dilation,
                                        groups, rank))
 
     def _conv_module(self, node):
@@ -296,7 +296,7 @@ class FxView:
         if mod.padding_mode != "zeros":
             raise Declined(f"padding_mode={mod.padding_mode!r}")
         x = self._input(node, node.args[0])
-        op = self._conv_op(x, self.module_tensor(mod.weight), self.module_tensor(mod.bias), mod.stride,
+        op = self._conv_op(self.module_tensor(mod.weight), self.module_tensor(mod.bias), mod.stride,
                            mod.padding, mod.dilation, mod.groups, _CONV_MODULES[type(mod)])
         return Affine(x, op)
 
@@ -540,8 +540,7 @@ class FxView:
         return self._affine_elementwise(node, a, 1.0 / self._channel_const(node, a, cb), 0.0)
 
     def _neg(self, node):
-        cr = self.channels_and_rank(node.args[0])
-        return self._affine_elementwise(node, node.args[0], -1.0, 0.0) if cr else None
+        return self._affine_elementwise(node, node.args[0], -1.0, 0.0)
 
     def _cat(self, node):
         tensors = _arg(node, 0, "tensors")

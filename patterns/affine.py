@@ -326,9 +326,9 @@ def concat(ops: Sequence[AffineConv]) -> AffineConv:
 
 def _is_pure_padding(op: AffineConv) -> bool:
     """Identity weights, no bias, stride 1: the op only zero-pads its input."""
-    pc = op.per_channel() if not op.has_padding() else AffineConv(
-        op.weight, op.bias, op.stride, ((0, 0),) * op.rank, op.dilation, op.groups).per_channel()
-    return pc is not None and bool(np.all(pc[0] == 1)) and not np.any(pc[1])
+    c = op.out_channels
+    return (all(k == 1 for k in op.kernel) and all(s == 1 for s in op.stride) and op.groups == c
+            and op.in_channels == c and bool(np.all(op.weight == 1)) and not np.any(op.bias))
 
 
 def check_compose(b: AffineConv, a: AffineConv) -> str | None:

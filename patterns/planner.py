@@ -153,13 +153,13 @@ def _build_maps(view: GraphView, values, order, boundaries):
             region = _extend(view, v, d, input_map, merged)
         except Declined as e:
             declined[v] = str(e)
-            region = _fresh(view, v, d)
+            region = _fresh(v, d)
         if region is not None:
             maps[v] = region
     return maps, declined
 
 
-def _fresh(view: GraphView, v: Key, d: Description) -> Region | None:
+def _fresh(v: Key, d: Description) -> Region | None:
     """The value as a one-node region over its direct input (after a refused rule)."""
     if isinstance(d, Affine):
         return Region(d.input, d.op, (v,), op_cost(d.op, d.op.stride))
@@ -170,7 +170,7 @@ def _extend(view, v, d, input_map, merged) -> Region | None:
     if isinstance(d, Affine):
         m = input_map(d.input)
         if m is None or not m.nodes:
-            return _fresh(view, v, d)
+            return _fresh(v, d)
         reason = A.check_compose(d.op, m.op)
         if reason:
             raise Declined(reason)

@@ -210,3 +210,23 @@ def test_report_table_is_readable():
     assert "convs" in text and "regions fused: 1" in text
     d = gm.meta["repfuse_report"].to_dict()
     assert d["before"]["convs"] == 2 and d["after"]["convs"] == 1
+
+
+@pytest.mark.parametrize("count_include_pad,fuses", [(True, True), (False, False)])
+def test_avg_pool_branch_fuses_only_when_it_counts_padding(count_include_pad, fuses):
+    class AvgBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = B.conv_bn(4, 4, 3, 1, 1)
+            self.pool = torch.nn.AvgPool2d(3, 1, 1, count_include_pad=count_include_pad)
+
+        def forward(self, x):
+            return self.conv(x) + self.pool(x)
+
+    model = B.randomize(AvgBranch())
+    x = torch.randn(2, 4, 8, 8)
+    gm = repfuse.deploy(model, (x,))
+    check_close(gm, model, x)
+    pools = sum(n.target is F.avg_pool2d for n in gm.graph.nodes)
+    assert (convs(gm), pools) == ((1, 0) if fuses else (1, 1))
+    assert bns(gm) == 0

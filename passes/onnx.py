@@ -1,0 +1,470 @@
+"""ONNX adapter (on onnx_ir): read ONNX nodes into the algebra, write fused Conv / Gemm back.
+
+Recognition is written here in ONNX's vocabulary (initializers and Constant
+nodes are constants, attributes carry geometry, broadcasting decides what is
+per-channel); planning is `repfuse.patterns.planner.plan`.  Only the main
+graph is rewritten; custom domains, quantized (Q/DQ) regions and anything
+unrecognized pass through.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
+
+from ..patterns import affine as A
+from ..patterns.affine import Declined
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan
+from .report import GraphStats, RegionRow, describe_op
+
+__all__ = ["OnnxView", "fuse_model", "graph_stats"]
+
+_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear"}
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant an input holds (initializer or Constant node), as numpy, else None."""
+    if value is None:
+        return None
+    if value.is_graph_input() and value.const_value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _dims(value: ir.Value) -> list | None:
+    shape = value.shape
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in shape]
+
+
+class OnnxView:
+    """The planner's view of an onnx_ir graph; one planner key per single-output node value."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.attached: dict[ir.Value, list[ir.Node]] = {}  # value -> extra nodes removed with it
+        self._values = [n.outputs[0] for n in graph if n.outputs and n.outputs[0] is not None]
+
+    # -- GraphView protocol
+    def values(self):
+        return self._values
+
+    def single_consumer(self, value: ir.Value) -> bool:
+        return not value.is_graph_output() and len(value.uses()) == 1
+
+    def channels_and_rank(self, value: ir.Value):
+        dims = _dims(value)
+        if dims is None or len(dims) < 2 or dims[1] is None:
+            return None
+        if value.dtype is not None and not value.dtype.is_floating_point():
+            return None
+        return dims[1], len(dims) - 2
+
+    def describe(self, value: ir.Value):
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or len([o for o in node.outputs if o.uses()]) > 1:
+            return None
+        if node.op_type in _QUANTIZED or self._touches_quantized(node):
+            raise Declined("quantized (Q/DQ) region")
+        read = getattr(self, "_" + node.op_type, None)
+        return read(node) if read is not None else None
+
+    def _touches_quantized(self, node: ir.Node) -> bool:
+        ins = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+        outs = [u.node for o in node.outputs for u in o.uses()]
+        return any(n.op_type in _QUANTIZED for n in ins + outs)
+
+    # -- helpers
+    def _input(self, node: ir.Node, index: int = 0) -> ir.Value:
+        v = node.inputs[index]
+        if v is None or const_array(v) is not None:
+            raise Declined("input is a constant")
+        return v
+
+    def _const(self, node: ir.Node, index: int, what: str, optional: bool = False) -> np.ndarray | None:
+        v = node.inputs[index] if index < len(node.inputs) else None
+        if v is None:
+            if optional:
+                return None
+            raise Declined(f"{what} is missing")
+        arr = const_array(v)
+        if arr is None:
+            raise Declined(f"{what} is not a constant")
+        return arr
+
+    def _cr(self, value: ir.Value):
+        cr = self.channels_and_rank(value)
+        if cr is None:
+            raise Declined("input shape or channel count unknown")
+        return cr
+
+    @staticmethod
+    def _onnx_pads(pads: list[int], rank: int) -> A.Pads:
+        """ONNX pads run [x1_begin, x2_begin, ..., x1_end, x2_end]."""
+        if not pads:
+            return ((0, 0),) * rank
+        return tuple((pads[d], pads[d + rank]) for d in range(rank))
+
+    def _auto_pad(self, node, x, kernel, stride, dilation, pads):
+        mode = node.attributes.get_string("auto_pad", "NOTSET")
+        rank = len(kernel)
+        if mode in ("NOTSET", ""):
+            return self._onnx_pads(pads, rank)
+        if mode == "VALID":
+            return ((0, 0),) * rank
+        dims = _dims(x)
+        out = []
+        for d in range(rank):
+            extent = dilation[d] * (kernel[d] - 1) + 1
+            if stride[d] == 1:
+                total = extent - 1
+            else:  # total padding depends on the input size
+                h = dims[2 + d] if dims else None
+                if h is None:
+                    raise Declined(f"auto_pad={mode} with stride > 1 and a dynamic input size")
+                total = max((-(-h // stride[d]) - 1) * stride[d] + extent - h, 0)
+            small, big = total // 2, total - total // 2
+            out.append((small, big) if mode == "SAME_UPPER" else (big, small))
+        return tuple(out)
+
+    # -- readers (named after op types)
+    def _Conv(self, node):
+        x = self._input(node)
+        w = self._const(node, 1, "conv weight")
+        b = self._const(node, 2, "conv bias", optional=True)
+        rank = w.ndim - 2
+        a = node.attributes
+        kernel = tuple(w.shape[2:])
+        stride = tuple(a.get_ints("strides", [1] * rank))
+        dilation = tuple(a.get_ints("dilations", [1] * rank))
+        pads = self._auto_pad(node, x, kernel, stride, dilation, list(a.get_ints("pads", [])))
+        return Affine(x, A.conv(w, b, stride, pads, dilation, a.get_int("group", 1)))
+
+    def _BatchNormalization(self, node):
+        x = self._input(node)
+        if node.attributes.get_int("training_mode", 0):
+            raise Declined("BatchNorm in training mode uses batch statistics")
+        scale, bias, mean, var = (self._const(node, i, "BatchNorm parameters") for i in range(1, 5))
+        eps = node.attributes.get_float("epsilon", 1e-5)
+        return Affine(x, A.batchnorm(mean, var, scale, bias, eps, self._cr(x)[1]))
+
+    def _Identity(self, node):
+        x = self._input(node)
+        return Affine(x, A.identity(*self._cr(x)))
+
+    def _Dropout(self, node):
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            mode = const_array(node.inputs[2])
+            if mode is None or bool(mode):
+                return None
+        return self._Identity(node)
+
+    def _per_channel(self, x: ir.Value, c: np.ndarray) -> np.ndarray:
+        channels, _ = self._cr(x)
+        dims = _dims(x)
+        if c.size == 1:
+            return np.full(channels, float(c.reshape(())))
+        shape = (1,) * (len(dims) - c.ndim) + c.shape
+        if c.ndim > len(dims) or any(n != 1 and not (i == 1 and n == channels) for i, n in enumerate(shape)):
+            raise Declined("constant operand is not per-channel")
+        return c.reshape(-1).astype(np.float64)
+
+    def _elementwise(self, node, kind):
+        a, b = node.inputs[0], node.inputs[1]
+        ca, cb = const_array(a), const_array(b)
+        if (ca is None) == (cb is None):
+            if ca is None and kind in ("Add", "Sub"):
+                if a.shape is None or b.shape is None or list(a.shape) != list(b.shape):
+                    raise Declined("operands of different or unknown shapes (broadcasting)")
+                return Sum((a, b), (1.0, 1.0 if kind == "Add" else -1.0))
+            return None
+        x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
+        v = self._per_channel(x, c)
+        channels, rank = self._cr(x)
+        if kind == "Add":
+            scale, shift = np.ones(channels), v
+        elif kind == "Sub":
+            scale, shift = (-np.ones(channels), v) if const_first else (np.ones(channels), -v)
+        elif kind == "Mul":
+            scale, shift = v, np.zeros(channels)
+        else:  # Div
+            if const_first:
+                return None
+            scale, shift = 1.0 / v, np.zeros(channels)
+        return Affine(x, A.per_channel(scale, shift, rank))
+
+    def _Add(self, node):
+        return self._elementwise(node, "Add")
+
+    def _Sub(self, node):
+        return self._elementwise(node, "Sub")
+
+    def _Mul(self, node):
+        return self._elementwise(node, "Mul")
+
+    def _Div(self, node):
+        return self._elementwise(node, "Div")
+
+    def _Neg(self, node):
+        x = self._input(node)
+        c, rank = self._cr(x)
+        return Affine(x, A.per_channel(-np.ones(c), np.zeros(c), rank))
+
+    def _Concat(self, node):
+        dims = _dims(node.outputs[0])
+        axis = node.attributes.get_int("axis", 0)
+        if dims is None or len(dims) < 2 or axis not in (1, 1 - len(dims)):
+            return None
+        if any(v is None or const_array(v) is not None for v in node.inputs):
+            return None
+        return Concat(tuple(node.inputs))
+
+    def _Gemm(self, node):
+        a = node.attributes
+        if a.get_int("transA", 0):
+            return None
+        x = self._input(node)
+        if _dims(x) is None or len(_dims(x)) != 2:
+            raise Declined("Gemm input is not [N, C]")
+        w = self._const(node, 1, "Gemm weight") * a.get_float("alpha", 1.0)
+        w = w if a.get_int("transB", 0) else w.T  # [O, I]
+        c = self._const(node, 2, "Gemm bias", optional=True)
+        bias = None
+        if c is not None:
+            if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
+                raise Declined("Gemm bias is not per-output")
+            bias = np.broadcast_to(c.reshape(-1) * a.get_float("beta", 1.0), (w.shape[0],))
+        return Affine(x, A.linear(w, bias))
+
+    def _MatMul(self, node):
+        x = self._input(node)
+        w = self._const(node, 1, "MatMul weight")
+        if w.ndim != 2 or _dims(x) is None or len(_dims(x)) != 2:
+            raise Declined("MatMul is not [N, I] x [I, O]")
+        return Affine(x, A.linear(w.T))  # [O, I]
+
+    def _AveragePool(self, node):
+        x = self._input(node)
+        a = node.attributes
+        kernel = tuple(a.get_ints("kernel_shape"))
+        rank = len(kernel)
+        stride = tuple(a.get_ints("strides", [1] * rank))
+        if any(d != 1 for d in a.get_ints("dilations", [1] * rank)):
+            raise Declined("dilated average pool")
+        pads = self._auto_pad(node, x, kernel, stride, (1,) * rank, list(a.get_ints("pads", [])))
+        channels, xr = self._cr(x)
+        if xr != rank:
+            raise Declined("pool rank differs from the input's")
+        if a.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and any(p != (0, 0) for p in pads):
+            raise Declined("auto_pad SAME average pool never counts its padding")
+        dims = _dims(x)
+        return Affine(x, A.avg_pool(channels, rank, kernel, stride, pads,
+                                    count_include_pad=bool(a.get_int("count_include_pad", 0)),
+                                    ceil_mode=bool(a.get_int("ceil_mode", 0)), input_size=dims[2:]))
+
+    def _pad_geometry(self, node) -> tuple[ir.Value, A.Pads, float]:
+        x = self._input(node)
+        if node.attributes.get_string("mode", "constant") != "constant":
+            raise Declined(f"{node.attributes.get_string('mode')} padding")
+        dims = _dims(x)
+        if dims is None:
+            raise Declined("input rank unknown")
+        pads = [int(p) for p in self._const(node, 1, "pads").reshape(-1)]
+        value = self._const(node, 2, "pad value", optional=True) if len(node.inputs) > 2 else None
+        axes = self._const(node, 3, "pad axes", optional=True) if len(node.inputs) > 3 else None
+        n = len(dims)
+        full = [0] * (2 * n)
+        for i, axis in enumerate(range(n) if axes is None else [int(a) % n for a in axes.reshape(-1)]):
+            k = len(pads) // 2
+            full[axis], full[axis + n] = pads[i], pads[i + k]
+        if full[0] or full[1] or full[n] or full[n + 1]:
+            raise Declined("padding touches batch or channel dims")
+        if any(p < 0 for p in full):
+            raise Declined("negative padding crops the input")
+        spatial = tuple((full[d], full[d + n]) for d in range(2, n))
+        return x, spatial, 0.0 if value is None else float(value.reshape(()))
+
+    def _Pad(self, node):
+        if any(u.node.op_type in _BORDER_WRITE for u in node.outputs[0].uses()):
+            return None  # the border writes that follow decide what this is
+        x, pads, value = self._pad_geometry(node)
+        channels = self._cr(x)[0]
+        if value == 0.0:
+            return Affine(x, A.zero_pad(channels, pads))
+        return PadWith(x, pads, np.full(channels, value))
+
+    def _ScatterND(self, node):
+        return self._border_fill(node)
+
+    def _Transpose(self, node):
+        return self._border_fill(node)
+
+    def _border_fill(self, last: ir.Node):
+        """Pad, then ScatterNDs (between Transposes) that write every border: padding with a per-channel constant.
+
+        This is how the torch exporters write DBB's BN-and-pad layer.  The writes
+        are replayed on a NaN-filled array of the padded shape; the result must
+        have every border element written, no interior element written, and one
+        value per channel.
+        """
+        out = last.outputs[0]
+        if any(u.node.op_type in _BORDER_WRITE for u in out.uses()) and self.single_consumer(out):
+            return None  # not the end of the chain
+        chain = [last]
+        data = last.inputs[0]
+        while data.producer() is not None and data.producer().op_type in _BORDER_WRITE:
+            if not self.single_consumer(data):
+                raise Declined("intermediate border write is read elsewhere")
+            chain.append(data.producer())
+            data = data.producer().inputs[0]
+        pad = data.producer()
+        if pad is None or pad.op_type != "Pad" or not any(n.op_type == "ScatterND" for n in chain):
+            return None
+        if not self.single_consumer(data):
+            raise Declined("padded tensor is read before its border is written")
+        x, pads, _ = self._pad_geometry(pad)
+        shape = _dims(data)
+        if shape is None or None in shape:
+            raise Declined("border writes on a tensor of dynamic size")
+        filled = np.full(shape, np.nan)
+        axes = np.arange(len(shape))
+        for step in reversed(chain):  # earliest first
+            if step.op_type == "Transpose":
+                perm = list(step.attributes.get_ints("perm", list(range(len(shape)))[::-1]))
+                filled, axes = np.transpose(filled, perm), axes[perm]
+                continue
+            if step.attributes.get_string("reduction", "none") != "none":
+                raise Declined("ScatterND with reduction")
+            idx = self._const(step, 1, "scatter indices").astype(np.int64)
+            upd = self._const(step, 2, "scatter updates").astype(np.float64)
+            k = idx.shape[-1]
+            filled[tuple(np.moveaxis(idx, -1, 0))] = upd.reshape(idx.shape[:-1] + filled.shape[k:])
+        if list(axes) != list(range(len(shape))):
+            raise Declined("border writes end in a transposed layout")
+        interior = tuple([slice(None), slice(None)] + [slice(b, n - e) for (b, e), n in zip(pads, shape[2:])])
+        border = np.ones(shape, bool)
+        border[interior] = False
+        if np.isnan(filled[border]).any() or not np.isnan(filled[~border]).all():
+            raise Declined("border writes do not cover exactly the padded border")
+        values = np.moveaxis(filled, 1, 0).reshape(shape[1], -1)
+        mask = np.moveaxis(border, 1, 0).reshape(shape[1], -1)
+        fill = np.array([row[m][0] for row, m in zip(values, mask)])
+        if not all(np.all(row[m] == f) for row, m, f in zip(values, mask, fill)):
+            raise Declined("border is not filled with one value per channel")
+        self.attached[out] = [pad] + chain[1:]
+        return PadWith(x, pads, fill)
+
+
+_BORDER_WRITE = ("ScatterND", "Transpose")
+
+
+# ---------------------------------------------------------------- writing back
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def apply_plan(view: OnnxView, onnx_plan: Plan, progress: Callable[[int, int], None] | None = None) -> None:
+    graph = view.graph
+    taken = {v.name for n in graph for v in n.outputs if v.name} | set(graph.initializers) | \
+        {v.name for v in graph.inputs if v.name}
+    replaced: dict[ir.Value, ir.Value] = {}
+    for i, region in enumerate(onnx_plan.regions):
+        root, op = region.root, region.op
+        source = replaced.get(region.source, region.source)
+        dtype = root.dtype.numpy() if root.dtype is not None and root.dtype.is_floating_point() else np.float32
+        stem = root.producer().name or root.name or f"region{i}"
+        w = _initializer(graph, _unique(graph, f"{stem}.repfuse.weight", taken), op.weight.astype(dtype))
+        b = _initializer(graph, _unique(graph, f"{stem}.repfuse.bias", taken), op.bias.astype(dtype))
+        if op.rank == 0:
+            new = ir.node("Gemm", [source, w, b], {"transB": 1}, name=_unique(graph, f"{stem}.repfuse", taken))
+        else:
+            pads = [p[0] for p in op.pads] + [p[1] for p in op.pads]
+            attrs = {"kernel_shape": list(op.kernel), "strides": list(op.stride), "pads": pads,
+                     "dilations": list(op.dilation), "group": op.groups}
+            new = ir.node("Conv", [source, w, b], attrs, name=_unique(graph, f"{stem}.repfuse", taken))
+        out = new.outputs[0]
+        out.shape, out.type = root.shape, root.type
+        graph.insert_before(root.producer(), new)
+        old_name = root.name
+        ir.convenience.replace_all_uses_with(root, out, replace_graph_outputs=True)
+        if root.is_graph_output() or any(o is out for o in graph.outputs):
+            root.name = None
+            out.name = old_name  # graph outputs keep their names
+        else:
+            out.name = _unique(graph, f"{stem}.repfuse.out", taken)
+        replaced[root] = out
+        doomed = []
+        for v in region.nodes:
+            doomed.extend(view.attached.get(v, []))
+            doomed.append(v.producer())
+        graph.remove(set(doomed), safe=True)  # also detaches them from their inputs
+        if progress:
+            progress(i + 1, len(onnx_plan.regions))
+
+
+def fuse_model(model: ir.Model, max_rounds: int = 8, progress=None) -> tuple[list[RegionRow], dict[str, str]]:
+    """Fuse every affine region of the main graph in place, to a fixed point.  Returns (regions, declined)."""
+    rows: list[RegionRow] = []
+    declined: dict[str, str] = {}
+    for _ in range(max_rounds):
+        view = OnnxView(model.graph)
+        onnx_plan = plan(view)
+        declined.update({_label(k): v for k, v in onnx_plan.declined.items()})
+        if not onnx_plan.regions:
+            break
+        rows += [_row(r) for r in onnx_plan.regions]
+        apply_plan(view, onnx_plan, progress)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return rows, declined
+
+
+def _label(value: ir.Value) -> str:
+    node = value.producer()
+    return f"{node.op_type} {node.name or value.name}" if node is not None else str(value.name)
+
+
+def _row(region: Region) -> RegionRow:
+    from collections import Counter
+
+    kinds = Counter(v.producer().op_type for v in region.nodes)
+    text = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in sorted(kinds.items()))
+    return RegionRow(_label(region.root), str(region.source.name), len(region.nodes), text, describe_op(region.op))
+
+
+# ---------------------------------------------------------------- statistics
+
+def graph_stats(model: ir.Model) -> GraphStats:
+    """Ops by type, conv/gemm count, MACs per sample (where shapes are static), constant elements."""
+    stats = GraphStats()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        stats.ops[node.op_type] += 1
+        if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+            w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if w is None:
+                continue
+            stats.convs += 1
+            out = _dims(node.outputs[0])
+            if out and None not in out[2 if node.op_type.startswith("Conv") else 1:]:
+                positions = int(np.prod(out[2:], dtype=np.int64)) if node.op_type.startswith("Conv") else 1
+                stats.macs += positions * int(w.size)
+    stats.params = sum(int(v.const_value.size) for v in model.graph.initializers.values()
+                       if v.const_value is not None and v.dtype is not None and v.dtype.is_floating_point())
+    return stats

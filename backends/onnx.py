@@ -126,10 +126,10 @@ def optimize(model: ir.Model, *, simplify_first: bool = True, warn: Callable[[st
     """Run the pipeline on an in-memory model; returns the optimized model and its report."""
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     check_opset(model)
+    model = _infer_shapes(model)
     before = onnxpass.graph_stats(model)
     if simplify_first:
-        model = simplify(model, warn)
-    model = _infer_shapes(model)
+        model = _infer_shapes(simplify(model, warn))
     rows, declined = onnxpass.fuse_model(
         model, progress=(lambda i, n: progress("fusing", i, n)) if progress else None)
     ir.passes.common.RemoveUnusedNodesPass()(model)

@@ -19,7 +19,7 @@ from torch import fx
 
 from ..patterns import affine as A
 from ..patterns.affine import Declined
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan, precision
 
 aten = torch.ops.aten
 
@@ -109,6 +109,7 @@ class FxView:
         self.constants = constants or {}
         self._const: dict[fx.Node, Any] = {}
         self.pad_fills: dict[fx.Node, list[fx.Node]] = {}
+        self.fill_precision: dict[fx.Node, float] = {}
         self._values = [n for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
         self._outputs: set[fx.Node] = set()
         for n in self.graph.nodes:
@@ -405,7 +406,7 @@ class FxView:
         values = np.full(channels, float(value)) if fill is None else fill
         if not np.any(values):
             return Affine(x, A.zero_pad(channels, pads))
-        return PadWith(x, pads, values)
+        return PadWith(x, pads, values, self.fill_precision.get(node, 1e-5))
 
     def _border_fill(self, node, pads, channels) -> np.ndarray | None:
         """Recognize `out = pad(x); out[.., border, ..] = v` for every border (DBB's BN-and-pad).
@@ -440,6 +441,7 @@ class FxView:
         if need:
             raise Declined("not every padded border is filled")
         self.pad_fills[node] = writes
+        self.fill_precision[node] = precision(torch.finfo(torch.as_tensor(self.const(writes[0].args[2])).dtype).eps)
         return fill
 
     def _avg(self, node):

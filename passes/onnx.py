@@ -17,7 +17,7 @@ import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..patterns import affine as A
 from ..patterns.affine import Declined
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan, precision
 from .report import GraphStats, RegionRow, describe_op
 
 __all__ = ["OnnxView", "fuse_model", "graph_stats"]
@@ -179,8 +179,9 @@ class OnnxView:
         ca, cb = const_array(a), const_array(b)
         if (ca is None) == (cb is None):
             if ca is None and kind in ("Add", "Sub"):
-                if a.shape is None or b.shape is None or list(a.shape) != list(b.shape):
-                    raise Declined("operands of different or unknown shapes (broadcasting)")
+                # No shape test: shape inference names equal dynamic dims differently.  The planner
+                # only sums maps of one source whose channels and output sizes agree, so no
+                # broadcasting can hide behind an accepted sum.
                 return Sum((a, b), (1.0, 1.0 if kind == "Add" else -1.0))
             return None
         x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
@@ -357,7 +358,9 @@ class OnnxView:
         if not all(np.all(row[m] == f) for row, m, f in zip(values, mask, fill)):
             raise Declined("border is not filled with one value per channel")
         self.attached[out] = [pad] + chain[1:]
-        return PadWith(x, pads, fill)
+        stored = self._const(chain[0] if chain[0].op_type == "ScatterND" else
+                             next(n for n in chain if n.op_type == "ScatterND"), 2, "scatter updates").dtype
+        return PadWith(x, pads, fill, precision(np.finfo(stored).eps))
 
 
 _BORDER_WRITE = ("ScatterND", "Transpose")

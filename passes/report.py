@@ -34,21 +34,27 @@ class FusionReport:
     regions: list[RegionRow] = field(default_factory=list)
     declined: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
     note: str = ""  # e.g. why a graph was passed through unchanged
+    file_bytes: tuple[int, int] | None = None  # model file sizes (ONNX), when known
 
     @property
     def changed(self) -> bool:
         return bool(self.regions)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k in ("before", "after"):
-            d[k]["ops"] = dict(d[k]["ops"])
-        return d
+        def stats(s: GraphStats) -> dict:  # not asdict: it would rebuild the Counter from (key, count) pairs
+            return {"ops": dict(s.ops), "convs": s.convs, "macs": s.macs, "params": s.params}
+
+        return {"before": stats(self.before), "after": stats(self.after),
+                "regions": [asdict(r) for r in self.regions],
+                "declined": [{"node": n, "reason": r} for n, r in self.declined],
+                "note": self.note, "file_bytes": list(self.file_bytes) if self.file_bytes else None}
 
     def table(self, explain: bool = False) -> str:
         b, a = self.before, self.after
         rows = [("ops", b.total_ops, a.total_ops), ("convs", b.convs, a.convs),
                 ("MACs / sample", b.macs, a.macs), ("parameters", b.params, a.params)]
+        if self.file_bytes:
+            rows.append(("file bytes", *self.file_bytes))
         kinds = sorted(set(b.ops) | set(a.ops), key=lambda k: (-b.ops.get(k, 0), k))
         rows += [(f"  {k}", b.ops.get(k, 0), a.ops.get(k, 0)) for k in kinds]
         width = max(len(r[0]) for r in rows)

@@ -429,15 +429,19 @@ def _through_taps(b: AffineConv, vec: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- padding with a constant
 
-def check_pad_with(a: AffineConv, pads: Pads, values: np.ndarray) -> str | None:
-    """pad_v(a(x)) is a(x) with more zero padding iff v is what a gives a zero input."""
+def check_pad_with(a: AffineConv, pads: Pads, values: np.ndarray, rtol: float = 1e-5) -> str | None:
+    """pad_v(a(x)) is a(x) with more zero padding iff v is what a gives a zero input.
+
+    `rtol` is the precision v was computed in: a model in fp16 computes its fill
+    value in fp16, so it matches the float64 response only to fp16 rounding.
+    """
     if a.rank != len(pads):
         return "padding rank differs from the op's"
     if not a.is_pointwise():
         return "padding value can only be matched for a pointwise, unpadded op"
     v = np.broadcast_to(_f64(values).reshape(-1), a.bias.shape)
-    tol = 1e-5 * max(1.0, float(np.abs(a.bias).max(initial=0.0)))
-    if not np.allclose(v, a.bias, rtol=1e-5, atol=tol):
+    tol = rtol * max(1.0, float(np.abs(a.bias).max(initial=0.0)))
+    if not np.allclose(v, a.bias, rtol=rtol, atol=tol):
         return "pad value differs from the op's response to a zero input"
     return None
 

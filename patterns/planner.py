@@ -43,6 +43,7 @@ class PadWith:
     input: Key
     pads: A.Pads
     values: np.ndarray
+    rtol: float = 1e-5  # precision the values were computed in
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Concat:
     """value = concatenation of inputs along the channel axis."""
 
     inputs: tuple[Key, ...]
+
+
+def precision(eps: float) -> float:
+    """Relative tolerance for constants stored with machine epsilon `eps` (a few units in the last place)."""
+    return max(1e-5, 4 * float(eps))
 
 
 Description = Affine | PadWith | Sum | Concat
@@ -181,7 +187,7 @@ def _extend(view, v, d, input_map, merged) -> Region | None:
         m = input_map(d.input)
         if m is None or not m.nodes:
             return None
-        reason = A.check_pad_with(m.op, d.pads, d.values)
+        reason = A.check_pad_with(m.op, d.pads, d.values, d.rtol)
         if reason:
             raise Declined(reason)
         op = A.pad_with(m.op, d.pads)

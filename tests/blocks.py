@@ -257,3 +257,35 @@ class ScaledResidual(nn.Module):
 
     def forward(self, x):
         return x * self.scale + self.conv(x) - 0.5 * self.bn(x)
+
+
+# Every block family with what its hand-fused (paper) form has.
+# name: (factory, input shape, convs after, batchnorms after; None = not asserted)
+CASES = {
+    "conv_bn": (lambda: ConvBN(), (2, 4, 9, 9), 1, 0),
+    "conv_bn_strided_grouped": (lambda: ConvBN(4, 8, 3, stride=2, padding=1, groups=2), (2, 4, 10, 10), 1, 0),
+    "bn_conv_pad0_fuses": (lambda: BNConv(padding=0), (2, 4, 9, 9), 1, 0),
+    "bn_conv_pad1_stays": (lambda: BNConv(padding=1), (2, 4, 9, 9), 1, 1),
+    "linear_bn1d": (lambda: LinearBN(), (3, 16), 1, 0),
+    "repvgg": (lambda: RepVGGBlock(), (2, 8, 9, 9), 1, 0),
+    "repvgg_strided": (lambda: RepVGGBlock(8, 16, stride=2), (2, 8, 10, 10), 1, 0),
+    "repvgg_grouped": (lambda: RepVGGBlock(8, 8, groups=4), (2, 8, 9, 9), 1, 0),
+    "acnet": (lambda: ACBlock(), (2, 8, 9, 9), 1, 0),
+    "acnet_strided": (lambda: ACBlock(8, 8, stride=2), (2, 8, 11, 11), 1, 0),
+    "dbb_bn_and_pad": (lambda: DBBBlock(), (2, 8, 9, 9), 1, 0),
+    "dbb_bn_and_pad_5x5_strided": (lambda: DBBBlock(8, 8, k=5, stride=2), (2, 8, 12, 12), 1, 0),
+    # zero padding after 1x1-BN: the chains through padded kxk / avgpool must stay unfused
+    "dbb_zero_pad": (lambda: DBBBlock(bn_and_pad=False), (2, 8, 9, 9), 5, None),
+    "mobileone_depthwise": (lambda: MobileOneBlock(8, 3, True), (2, 8, 9, 9), 1, 0),
+    "mobileone_depthwise_strided": (lambda: MobileOneBlock(8, 2, True, stride=2), (2, 8, 10, 10), 1, 0),
+    "mobileone_pointwise": (lambda: MobileOneBlock(8, 3, False), (2, 8, 9, 9), 1, 0),
+    "repghost": (lambda: RepGhostBlock(), (2, 8, 9, 9), 1, 0),
+    "dilated": (lambda: DilatedBranches(8, 2), (2, 8, 11, 11), 1, 0),
+    "shared_weight": (lambda: SharedWeight(), (2, 8, 9, 9), 2, 0),
+    "dbb_depthwise": (lambda: DBBBlock(8, 8, groups=8), (2, 8, 9, 9), 1, 0),
+    "concat_branches": (lambda: ConcatBranches(), (2, 4, 9, 9), 1, 0),
+    # 3x3 beside 1x1: merging would pad the 1x1 to 3x3 and cost more, so the cost model keeps two convs
+    "concat_mixed_kernels_stays": (lambda: ConcatBranches(k_b=1), (2, 4, 9, 9), 2, 0),
+    "scaled_residual": (lambda: ScaledResidual(), (2, 6, 9, 9), 1, 0),
+    "tiny_net": (lambda: TinyRepNet(), (2, 3, 32, 32), 7, 0),
+}

@@ -49,35 +49,8 @@ def check_close(fused, original, x):
     assert err <= 1e-4 * ref.abs().max().item(), err
 
 
-# name: (factory, input shape, convs after, batchnorms after)
-CASES = {
-    "conv_bn": (lambda: B.ConvBN(), (2, 4, 9, 9), 1, 0),
-    "conv_bn_strided_grouped": (lambda: B.ConvBN(4, 8, 3, stride=2, padding=1, groups=2), (2, 4, 10, 10), 1, 0),
-    "bn_conv_pad0_fuses": (lambda: B.BNConv(padding=0), (2, 4, 9, 9), 1, 0),
-    "bn_conv_pad1_stays": (lambda: B.BNConv(padding=1), (2, 4, 9, 9), 1, 1),
-    "linear_bn1d": (lambda: B.LinearBN(), (3, 16), 1, 0),
-    "repvgg": (lambda: B.RepVGGBlock(), (2, 8, 9, 9), 1, 0),
-    "repvgg_strided": (lambda: B.RepVGGBlock(8, 16, stride=2), (2, 8, 10, 10), 1, 0),
-    "repvgg_grouped": (lambda: B.RepVGGBlock(8, 8, groups=4), (2, 8, 9, 9), 1, 0),
-    "acnet": (lambda: B.ACBlock(), (2, 8, 9, 9), 1, 0),
-    "acnet_strided": (lambda: B.ACBlock(8, 8, stride=2), (2, 8, 11, 11), 1, 0),
-    "dbb_bn_and_pad": (lambda: B.DBBBlock(), (2, 8, 9, 9), 1, 0),
-    "dbb_bn_and_pad_5x5_strided": (lambda: B.DBBBlock(8, 8, k=5, stride=2), (2, 8, 12, 12), 1, 0),
-    # zero padding after 1x1-BN: the chains through padded kxk / avgpool must stay unfused
-    "dbb_zero_pad": (lambda: B.DBBBlock(bn_and_pad=False), (2, 8, 9, 9), 5, None),
-    "mobileone_depthwise": (lambda: B.MobileOneBlock(8, 3, True), (2, 8, 9, 9), 1, 0),
-    "mobileone_depthwise_strided": (lambda: B.MobileOneBlock(8, 2, True, stride=2), (2, 8, 10, 10), 1, 0),
-    "mobileone_pointwise": (lambda: B.MobileOneBlock(8, 3, False), (2, 8, 9, 9), 1, 0),
-    "repghost": (lambda: B.RepGhostBlock(), (2, 8, 9, 9), 1, 0),
-    "dilated": (lambda: B.DilatedBranches(8, 2), (2, 8, 11, 11), 1, 0),
-    "shared_weight": (lambda: B.SharedWeight(), (2, 8, 9, 9), 2, 0),
-    "dbb_depthwise": (lambda: B.DBBBlock(8, 8, groups=8), (2, 8, 9, 9), 1, 0),
-    "concat_branches": (lambda: B.ConcatBranches(), (2, 4, 9, 9), 1, 0),
-    # 3x3 beside 1x1: merging would pad the 1x1 to 3x3 and cost more, so the cost model keeps two convs
-    "concat_mixed_kernels_stays": (lambda: B.ConcatBranches(k_b=1), (2, 4, 9, 9), 2, 0),
-    "scaled_residual": (lambda: B.ScaledResidual(), (2, 6, 9, 9), 1, 0),
-    "tiny_net": (lambda: B.TinyRepNet(), (2, 3, 32, 32), 7, 0),
-}
+CASES = B.CASES
+
 NOTHING_TO_FUSE = {"bn_conv_pad1_stays"}
 
 

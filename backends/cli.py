@@ -1,0 +1,198 @@
+"""The `repfuse` command line (also `python -m repfuse`).
+
+Exit codes: 0 done, 1 --check found different outputs, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  repfuse optimize model.onnx -o model.opt.onnx
+  repfuse optimize model.onnx -o model.opt.onnx --check --report report.json
+  repfuse optimize model.onnx -o out.onnx --check --input-shape input:1,3,224,224
+  repfuse optimize big.onnx -o out.onnx --external-data     # weights in out.onnx.data
+  repfuse optimize model.onnx --in-place --no-simplify
+
+what it does:
+  onnxsim (constant folding, shape inference), then every region of Conv,
+  BatchNormalization, Gemm/MatMul, per-channel Add/Sub/Mul/Div, Pad,
+  AveragePool (count_include_pad), Identity and channel Concat that reads one
+  tensor is folded into one Conv or Gemm, when that is exact and not more
+  expensive.  Everything else (custom domains, Q/DQ regions) is left as it is.
+
+exit codes: 0 done, 1 --check found different outputs, 2 bad input.
+"""
+
+
+class Progress:
+    """Stage lines on stderr; a bar for the region rewrites of large models."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._last = -1
+
+    def stage(self, text: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.enabled or total < 20:
+            return
+        tenth = done * 10 // total
+        if self.tty:
+            bar = "#" * (done * 30 // total)
+            end = "\n" if done == total else ""
+            print(f"\r  {what} [{bar:<30}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+        elif tenth != self._last:
+            print(f"  {what}: {done}/{total}", file=sys.stderr, flush=True)
+        self._last = tenth
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repfuse", description="Fold training-form branches into deployment graphs, exactly.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    opt = sub.add_parser("optimize", help="optimize an ONNX file", epilog=EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Fuse every exactly-fusable region of an ONNX model into one Conv or Gemm.")
+    opt.add_argument("input", metavar="IN", help="the ONNX model to optimize (never modified unless --in-place)")
+    opt.add_argument("-o", "--output", metavar="OUT", help="where to write the optimized model")
+    opt.add_argument("--in-place", action="store_true", help="overwrite IN (only with this flag)")
+    opt.add_argument("--check", action="store_true",
+                     help="run IN and OUT in onnxruntime on random inputs; exit 1 if outputs differ")
+    opt.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                     help="input size for --check (repeatable); dynamic dims default to batch 2, image 224")
+    opt.add_argument("--report", metavar="FILE.json", help="write the before/after report as JSON")
+    opt.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    opt.add_argument("--external-data", action="store_true",
+                     help="store weights in OUT.data beside OUT (automatic above 2 GB)")
+    opt.add_argument("--explain", action="store_true", help="list every op left alone, with the reason")
+    opt.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "optimize":
+        parser.print_help()
+        return 2
+    try:
+        return _optimize(args)
+    except KeyboardInterrupt:
+        print("repfuse: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as e:  # InputError is the user's; anything else is ours, but still one line
+        from .onnx import InputError
+
+        if isinstance(e, InputError):
+            print(f"repfuse: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, ImportError):
+            print(f"repfuse: error: {e} (pip install 'repfuse[onnx]')", file=sys.stderr)
+            return 2
+        raise
+
+
+def _optimize(args) -> int:
+    try:
+        from . import onnx as pipeline
+    except ImportError as e:
+        print(f"repfuse: error: the ONNX path needs {e.name}: pip install 'repfuse[onnx]'", file=sys.stderr)
+        return 2
+    source = Path(args.input)
+    if args.in_place:
+        target = Path(args.output) if args.output else source
+        if target.resolve() != source.resolve():
+            raise pipeline.InputError("--in-place writes IN itself; drop -o or drop --in-place")
+    elif not args.output:
+        raise pipeline.InputError("give -o OUT (or --in-place to overwrite IN)")
+    else:
+        target = Path(args.output)
+        if target.exists() and target.resolve() == source.resolve():
+            raise pipeline.InputError(f"{target}: OUT is IN; refusing to overwrite the input (use --in-place)")
+    shapes = pipeline.parse_input_shapes(args.input_shape)
+    pipeline.check_writable(target)
+    if args.report:
+        pipeline.check_writable(args.report)
+
+    progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        if message not in warnings:
+            warnings.append(message)
+            print(f"repfuse: warning: {message}", file=sys.stderr)
+
+    progress.stage(f"loading {source}")
+    model = pipeline.load(source)
+    in_bytes = source.stat().st_size + _data_bytes(source)
+    if len(model.graph) >= 2000 and not args.quiet:
+        progress.enabled = True  # large models get stage lines even when stderr is a file
+    progress.stage(f"{len(model.graph)} nodes; optimizing" + ("" if args.no_simplify else " (onnxsim first)"))
+    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, warn=warn, progress=progress)
+    progress.stage(f"writing {target}")
+
+    if args.check and args.in_place:  # keep the original to compare against
+        import shutil
+        import tempfile
+
+        keep = Path(tempfile.mkdtemp(prefix="repfuse-check-"))
+        reference = keep / source.name
+        shutil.copy2(source, reference)
+        if _data_path(source).exists():
+            shutil.copy2(_data_path(source), keep / _data_path(source).name)
+    else:
+        reference = source
+    written = pipeline.save(model, target, external_data=args.external_data)
+    out_bytes = sum(p.stat().st_size for p in written)
+    report.file_bytes = (in_bytes, out_bytes)
+
+    status = 0
+    check_rows = None
+    if args.check:
+        progress.stage("checking with onnxruntime")
+        check_rows = pipeline.compare_outputs(str(reference), str(target), shapes)
+        status = 0 if all(r["ok"] for r in check_rows) else 1
+    if not args.quiet:
+        print(report.table(explain=args.explain))
+    if check_rows is not None:
+        for r in check_rows:
+            verdict = "ok" if r["ok"] else "DIFFERENT"
+            print(f"check {r['output']}: max |IN - OUT| = {r['max_abs_error']:.3g} "
+                  f"(tolerance {r['tolerance']:.3g}) {verdict}")
+    if args.report:
+        data = report.to_dict()
+        data.update(input=str(source), output=str(target), check=check_rows, warnings=warnings)
+        tmp = Path(args.report).with_name(Path(args.report).name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, args.report)
+    if not args.quiet:
+        print(f"wrote {target}" + ("" if status == 0 else " (check FAILED)"))
+    return status
+
+
+def _data_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + ".data")
+
+
+def _data_bytes(model_path: Path) -> int:
+    """Bytes of the external data files the model refers to (best effort)."""
+    total = 0
+    for p in model_path.parent.glob(model_path.stem + "*.data"):
+        total += p.stat().st_size
+    return total
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

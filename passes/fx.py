@@ -112,6 +112,7 @@ class FxView:
         self.fill_precision: dict[fx.Node, float] = {}
         self._values = [n for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
         self._outputs: set[fx.Node] = set()
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         for n in self.graph.nodes:
             if n.op == "output":
                 fx.node.map_arg(n.args, self._outputs.add)
@@ -417,9 +418,8 @@ class FxView:
         writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
         if not writes:
             return None
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
         readers = [u for u in node.users if u not in writes]
-        if readers and min(order[r] for r in readers) < max(order[w] for w in writes):
+        if readers and min(self.order[r] for r in readers) < max(self.order[w] for w in writes):
             raise Declined("padded tensor is read before its border is written")
         rank = len(pads)
         need = {(d, side) for d, (b, e) in enumerate(pads) for side, p in (("begin", b), ("end", e)) if p}

@@ -248,3 +248,45 @@ def test_report_json(tmp_path):
     assert data["before"]["convs"] == 2 and data["after"]["convs"] == 1
     assert data["file_bytes"][1] < data["file_bytes"][0]
     assert os.path.basename(data["output"]) == "o.onnx"
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("name", ["repvgg", "dbb_bn_and_pad"])
+def test_older_opsets(name, opset, tmp_path, capsys):
+    factory, shape, n_convs, _ = B.CASES[name]
+    model = B.randomize(factory(), seed=5)
+    src = tmp_path / "in.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.randn(shape),), str(src), dynamo=False, opset_version=opset)
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--check", "-q"]) == 0
+    assert ops(out).count("Conv") == n_convs
+    assert onnx.load(str(out)).opset_import[0].version == opset
+
+
+def test_opset_older_than_11_is_refused(tmp_path, capsys):
+    proto = _conv_bn_graph([helper.make_node("Relu", ["bn"], ["y"])], opset=9)
+    proto.graph.node[1].input[:] = ["c", "s", "b", "m", "v"]
+    src = tmp_path / "old.onnx"
+    onnx.save(proto, str(src))
+    assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "opset 9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("auto_pad,stride", [("SAME_UPPER", 1), ("SAME_LOWER", 1), ("SAME_UPPER", 2), ("VALID", 1)])
+def test_conv_auto_pad(auto_pad, stride, tmp_path):
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 4, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.random(4).astype(np.float32) + 0.5, "s"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "m"),
+             numpy_helper.from_array(rng.random(4).astype(np.float32) + 0.5, "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], auto_pad=auto_pad, strides=[stride, stride]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    src = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(src))
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--check", "-q", "--no-simplify"]) == 0
+    assert ops(out) == ["Conv"]

@@ -46,8 +46,7 @@ def run(path, x):
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-FAMILIES = ["conv_bn", "linear_bn1d", "repvgg", "repvgg_strided", "acnet", "dbb_bn_and_pad", "dbb_zero_pad",
-            "mobileone_depthwise", "mobileone_pointwise", "repghost", "dilated", "concat_branches", "tiny_net"]
+FAMILIES = list(B.CASES)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

@@ -17,6 +17,7 @@ import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..patterns import affine as A
 from ..patterns.affine import Declined
+from ..patterns.borders import border_fill
 from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan, precision
 from .report import GraphStats, RegionRow, describe_op
 
@@ -309,9 +310,8 @@ class OnnxView:
         """Pad, then ScatterNDs (between Transposes) that write every border: padding with a per-channel constant.
 
         This is how the torch exporters write DBB's BN-and-pad layer.  The writes
-        are replayed on a NaN-filled array of the padded shape; the result must
-        have every border element written, no interior element written, and one
-        value per channel.
+        are replayed on a NaN-filled array of the padded shape and judged by
+        `patterns.borders.border_fill`.
         """
         out = last.outputs[0]
         if any(u.node.op_type in _BORDER_WRITE for u in out.uses()) and self.single_consumer(out):
@@ -347,16 +347,7 @@ class OnnxView:
             filled[tuple(np.moveaxis(idx, -1, 0))] = upd.reshape(idx.shape[:-1] + filled.shape[k:])
         if list(axes) != list(range(len(shape))):
             raise Declined("border writes end in a transposed layout")
-        interior = tuple([slice(None), slice(None)] + [slice(b, n - e) for (b, e), n in zip(pads, shape[2:])])
-        border = np.ones(shape, bool)
-        border[interior] = False
-        if np.isnan(filled[border]).any() or not np.isnan(filled[~border]).all():
-            raise Declined("border writes do not cover exactly the padded border")
-        values = np.moveaxis(filled, 1, 0).reshape(shape[1], -1)
-        mask = np.moveaxis(border, 1, 0).reshape(shape[1], -1)
-        fill = np.array([row[m][0] for row, m in zip(values, mask)])
-        if not all(np.all(row[m] == f) for row, m, f in zip(values, mask, fill)):
-            raise Declined("border is not filled with one value per channel")
+        fill = border_fill(filled, pads)
         self.attached[out] = [pad] + chain[1:]
         stored = self._const(chain[0] if chain[0].op_type == "ScatterND" else
                              next(n for n in chain if n.op_type == "ScatterND"), 2, "scatter updates").dtype

@@ -6,7 +6,6 @@ by counting Conv/Gemm and BatchNormalization nodes in the output.
 
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -19,6 +19,7 @@ examples:
   repfuse optimize model.onnx -o out.onnx --check --input-shape input:1,3,224,224
   repfuse optimize big.onnx -o out.onnx --external-data     # weights in out.onnx.data
   repfuse optimize model.onnx --in-place --no-simplify
+  repfuse compile model.onnx -o model.so --target llvm --check   # TVM library
 
 what it does:
   onnxsim (constant folding, shape inference), then every region of Conv,
@@ -78,17 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store weights in OUT.data beside OUT (automatic above 2 GB)")
     opt.add_argument("--explain", action="store_true", help="list every op left alone, with the reason")
     opt.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
+
+    comp = sub.add_parser("compile", help="optimize an ONNX file and build it into a TVM library",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="repfuse optimize, then TVM's ONNX frontend and tvm.compile with the "
+                                      "'repfuse' Relax pipeline; writes a shared library for the Relax VM.",
+                          epilog="example:\n  repfuse compile model.onnx -o model.so --target llvm --check\n"
+                                 "load it with tvm.runtime.load_module and run with tvm.relax.VirtualMachine.")
+    comp.add_argument("input", metavar="IN", help="the ONNX model")
+    comp.add_argument("-o", "--output", metavar="OUT.so", required=True, help="where to write the library")
+    comp.add_argument("--target", default="llvm", help="TVM target (default: llvm)")
+    comp.add_argument("--check", action="store_true",
+                      help="run IN in onnxruntime and OUT in TVM on random inputs; exit 1 if outputs differ")
+    comp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                      help="input size for --check (repeatable)")
+    comp.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    comp.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "optimize":
+    if args.command not in ("optimize", "compile"):
         parser.print_help()
         return 2
     try:
-        return _optimize(args)
+        return _optimize(args) if args.command == "optimize" else _compile(args)
     except KeyboardInterrupt:
         print("repfuse: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -179,6 +196,50 @@ def _optimize(args) -> int:
         os.replace(tmp, args.report)
     if not args.quiet:
         print(f"wrote {target}" + ("" if status == 0 else " (check FAILED)"))
+    return status
+
+
+def _compile(args) -> int:
+    try:
+        from . import onnx as pipeline
+    except ImportError as e:
+        print(f"repfuse: error: the ONNX path needs {e.name}: pip install 'repfuse[onnx]'", file=sys.stderr)
+        return 2
+    try:
+        from . import tvm as tvm_backend
+    except ImportError as e:
+        print(f"repfuse: error: {e}", file=sys.stderr)
+        return 2
+    import onnx_ir as ir
+
+    source, target = Path(args.input), Path(args.output)
+    if target.exists() and target.resolve() == source.resolve():
+        raise pipeline.InputError(f"{target}: OUT is IN; refusing to overwrite the input")
+    shapes = pipeline.parse_input_shapes(args.input_shape)
+    pipeline.check_writable(target)
+    model = pipeline.load(source)
+    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify,
+                                      warn=lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
+    input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    try:
+        tvm_backend.compile_onnx(ir.serde.serialize_model(model), target, args.target)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"repfuse: error: TVM could not build {source} for {args.target}: {first}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(report.table())
+    status = 0
+    if args.check:
+        feeds = pipeline.random_feeds(str(source), shapes)
+        names, reference = pipeline.run_onnxruntime(str(source), feeds)
+        rows = pipeline.compare(names, reference, tvm_backend.run_library(target, feeds, input_names))
+        status = 0 if all(r["ok"] for r in rows) else 1
+        for r in rows:
+            print(f"check {r['output']}: max |onnxruntime(IN) - TVM(OUT)| = {r['max_abs_error']:.3g} "
+                  f"(tolerance {r['tolerance']:.3g}) {'ok' if r['ok'] else 'DIFFERENT'}")
+    if not args.quiet:
+        print(f"wrote {target}")
     return status
 
 

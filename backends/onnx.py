@@ -237,25 +237,16 @@ def _concrete_shape(shape, given: list[int] | None) -> list[int]:
     return dims
 
 
-def compare_outputs(reference: str, candidate: str, input_shapes: dict[str, list[int]] | None = None,
-                    seed: int = 0) -> list[dict]:
-    """Run both files in onnxruntime on the same random inputs; one row per output."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise InputError("--check needs onnxruntime: pip install 'repfuse[onnx]'") from None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for p in (reference, candidate)]
+def random_feeds(path: str, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict:
+    """Random inputs for every graph input of the model at `path` (sizes as in _concrete_shape)."""
+    session = _session(path)
     shapes = input_shapes or {}
-    unknown = set(shapes) - {i.name for i in sessions[0].get_inputs()}
+    unknown = set(shapes) - {i.name for i in session.get_inputs()}
     if unknown:
         raise InputError(f"--input-shape names unknown inputs: {', '.join(sorted(unknown))}")
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in sessions[0].get_inputs():
+    for spec in session.get_inputs():
         dtype = _NUMPY_TYPES.get(spec.type)
         if dtype is None:
             raise InputError(f"--check: input {spec.name} has type {spec.type}, which the check cannot generate")
@@ -266,13 +257,42 @@ def compare_outputs(reference: str, candidate: str, input_shapes: dict[str, list
             feeds[spec.name] = rng.random(dims) > 0.5
         else:
             feeds[spec.name] = rng.integers(0, 10, dims).astype(dtype)
-    ref, out = (s.run(None, feeds) for s in sessions)
+    return feeds
+
+
+def _session(path: str):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise InputError("--check needs onnxruntime: pip install 'repfuse[onnx]'") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(path: str, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
+    session = _session(path)
+    return [o.name for o in session.get_outputs()], session.run(None, feeds)
+
+
+def compare(names: list[str], reference: list[np.ndarray], candidate: list[np.ndarray]) -> list[dict]:
+    """One row per output: max abs error against a tolerance relative to the reference's scale."""
     rows = []
-    for spec, a, b in zip(sessions[0].get_outputs(), ref, out):
+    for name, a, b in zip(names, reference, candidate):
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
         scale = float(np.abs(a64).max(initial=0.0))
-        tol = (1e-2 if a.dtype == np.float16 else 1e-4) * max(scale, 1e-3)
+        tol = (1e-2 if np.asarray(a).dtype == np.float16 else 1e-4) * max(scale, 1e-3)
         err = float(np.abs(a64 - b64).max(initial=0.0)) if a64.shape == b64.shape else float("inf")
-        rows.append({"output": spec.name, "max_abs_error": err, "tolerance": tol, "ok": err <= tol,
+        rows.append({"output": name, "max_abs_error": err, "tolerance": tol, "ok": err <= tol,
                      "shape": list(a64.shape)})
     return rows
+
+
+def compare_outputs(reference: str, candidate: str, input_shapes: dict[str, list[int]] | None = None,
+                    seed: int = 0) -> list[dict]:
+    """Run both ONNX files in onnxruntime on the same random inputs; one row per output."""
+    feeds = random_feeds(reference, input_shapes, seed)
+    names, ref = run_onnxruntime(reference, feeds)
+    _, out = run_onnxruntime(candidate, feeds)
+    return compare(names, ref, out)

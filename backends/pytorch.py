@@ -122,7 +122,11 @@ def _inner_compiler(inner) -> Callable:
     if inner == "eager":
         return lambda gm, example_inputs: gm.forward
     if inner == "tvm":
-        raise ValueError("repfuse backend: inner='tvm' is not available yet (coming with repfuse[tvm])")
+        try:
+            from . import tvm as tvm_backend
+        except ImportError as e:
+            raise ValueError(f"repfuse backend: inner='tvm' needs apache-tvm: pip install 'repfuse[tvm]' ({e})") from None
+        return tvm_backend.compile_fx
     raise ValueError(f"repfuse backend: unknown inner compiler {inner!r} (use 'inductor', 'eager' or a callable)")
 
 

@@ -78,3 +78,67 @@ def pipeline(inner: str | tvm.transform.Pass | None = None) -> tvm.transform.Pas
 
 if PIPELINE_NAME not in relax.pipeline.PIPELINE_MAP:
     relax.register_pipeline(PIPELINE_NAME)(lambda **kwargs: pipeline())
+
+
+# ---------------------------------------------------------------- TVM as torch.compile's inner compiler
+
+def compile_fx(gm, example_inputs, target: str = "llvm"):
+    """Inner compiler for torch.compile(backend="repfuse", options={"inner": "tvm"}).
+
+    The (already fused) FX graph goes through torch.export and TVM's own
+    frontend with every placeholder as a runtime input, so weights stay live
+    exactly as on the inductor path; it is built with the "repfuse" pipeline
+    and run on TVM's VM.  Shapes must be static.
+    """
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise ValueError("repfuse backend: inner='tvm' needs static shapes (compile with dynamic=False)")
+    # values do not matter for tracing; fake tensors from dynamo become real zeros
+    concrete = tuple(torch.zeros(t.shape, dtype=t.dtype) for t in example_inputs)
+    with torch.no_grad():
+        exported = torch.export.export(gm, concrete, strict=False)
+    mod = from_exported_program(exported, keep_params_as_input=False)
+    executable = tvm.compile(mod, target=target, relax_pipeline=PIPELINE_NAME)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    main = vm["main"]
+
+    def run(*args):
+        inputs = [tvm.runtime.tensor(a.detach().contiguous().cpu().numpy()) for a in args]
+        outputs = main(*inputs)
+        return tuple(torch.from_numpy(o.numpy()) for o in outputs)
+
+    return run
+
+
+# ---------------------------------------------------------------- ONNX file -> deployable library
+
+def compile_onnx(proto, out, target: str = "llvm") -> None:
+    """Build an (already repfuse-optimized) ONNX ModelProto into a shared library at `out`, atomically.
+
+    The Relax module is built with the "repfuse" pipeline, so anything the ONNX
+    pass left (e.g. exposed only after TVM's import) is fused too.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(proto, keep_params_in_input=False)
+    executable = tvm.compile(mod, target=target, relax_pipeline=PIPELINE_NAME)
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".repfuse-") as tmp:
+        staged = Path(tmp) / out.name
+        executable.export_library(str(staged))
+        os.replace(staged, out)
+
+
+def run_library(path, feeds: dict, input_names: list[str]) -> list:
+    """Run a library built by compile_onnx on numpy inputs; returns numpy outputs."""
+    lib = tvm.runtime.load_module(str(path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    result = vm["main"](*[tvm.runtime.tensor(feeds[name]) for name in input_names])
+    items = result if hasattr(result, "__len__") and not hasattr(result, "numpy") else [result]
+    return [item.numpy() for item in items]

@@ -120,3 +120,38 @@ def test_repfuse_imports_without_tvm():
             "try:\n    import repfuse.backends.tvm\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'repfuse[tvm]'" in out
+
+
+def test_torch_compile_with_inner_tvm_matches_eager_and_follows_weights():
+    torch._dynamo.reset()
+    model = B.randomize(B.RepVGGBlock(8, 8))
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="repfuse", options={"inner": "tvm"})
+        out = compiled(x)
+        ref = model(x)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+        model.load_state_dict(B.randomize(B.RepVGGBlock(8, 8), seed=9).state_dict())
+        ref = model(x)
+        assert (compiled(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["repvgg", "dbb_bn_and_pad"])
+def test_cli_compile_onnx_to_library(name, tmp_path, capsys):
+    from repfuse.backends.cli import main
+
+    factory, shape, _, _ = B.CASES[name]
+    model = B.randomize(factory(), seed=2)
+    src = tmp_path / "in.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.randn(shape),), str(src), dynamo=False, input_names=["x"])
+    lib = tmp_path / "model.so"
+    assert main(["compile", str(src), "-o", str(lib), "--check", "-q"]) == 0
+    assert "ok" in capsys.readouterr().out
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+    x = torch.randn(shape)
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    out = out[0] if hasattr(out, "__len__") and not hasattr(out, "numpy") else out
+    ref = model(x).detach().numpy()
+    assert np.abs(out.numpy() - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -412,26 +412,40 @@ class FxView:
     def _border_fill(self, node, pads, channels) -> np.ndarray | None:
         """Recognize `out = pad(x); out[.., border, ..] = v` for every border (DBB's BN-and-pad).
 
+        Writes are `setitem` (dynamo, symbolic_trace) or `copy_` into an
+        `aten.slice` (torch.export).  Only slices written relative to the ends
+        (`0:p`, `-p:`) count, so the result holds for every input size.
         Returns the per-channel fill, None when there are no border writes;
         raises Declined when writes exist but do not fill exactly the border.
         """
-        writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
+        rank = len(pads)
+        writes = []  # (index tuple, value node, nodes to erase)
+        for u in node.users:
+            if u.target is operator.setitem and u.args[0] is node:
+                writes.append((u.args[1], u.args[2], [u]))
+            elif u.target is aten.slice.Tensor and len(u.users) == 1:
+                copy = next(iter(u.users))
+                if copy.target is aten.copy_.default and copy.args[0] is u and not copy.users:
+                    dim, start, stop = (list(u.args[1:4]) + [0, None, None])[:3]
+                    index = [slice(None)] * (rank + 2)
+                    index[dim % (rank + 2)] = slice(start, None if stop is None or stop >= 2**62 else stop)
+                    writes.append((tuple(index), copy.args[1], [copy, u]))
         if not writes:
             return None
-        readers = [u for u in node.users if u not in writes]
-        if readers and min(self.order[r] for r in readers) < max(self.order[w] for w in writes):
+        erased = [n for _, _, nodes in writes for n in nodes]
+        readers = [u for u in node.users if u not in erased]
+        if readers and min(self.order[r] for r in readers) < max(self.order[n] for n in erased):
             raise Declined("padded tensor is read before its border is written")
-        rank = len(pads)
         need = {(d, side) for d, (b, e) in enumerate(pads) for side, p in (("begin", b), ("end", e)) if p}
         fill = None
-        for w in writes:
-            index, value = w.args[1], self.const(w.args[2])
+        for index, value_node, _ in writes:
+            value = self.const(value_node)
             if value is None:
                 raise Declined("border value is not a constant")
             side = _border_slice(index, pads, rank)
             if side is None:
                 raise Declined("in-place write to the padded tensor is not exactly a border")
-            v = _per_channel(torch.as_tensor(value), (1, channels) + (1,) * rank, channels)
+            v = _channel_values(torch.as_tensor(value), channels, rank)
             if v is None:
                 raise Declined("border value is not per-channel")
             if fill is not None and not np.array_equal(fill, v):
@@ -440,8 +454,8 @@ class FxView:
             need.discard(side)
         if need:
             raise Declined("not every padded border is filled")
-        self.pad_fills[node] = writes
-        self.fill_precision[node] = precision(torch.finfo(torch.as_tensor(self.const(writes[0].args[2])).dtype).eps)
+        self.pad_fills[node] = erased
+        self.fill_precision[node] = precision(torch.finfo(torch.as_tensor(self.const(writes[0][1])).dtype).eps)
         return fill
 
     def _avg(self, node):
@@ -594,6 +608,19 @@ def _per_channel(c: torch.Tensor, shape, channels: int) -> np.ndarray | None:
         if n != 1 and not (i == 1 and n == channels):
             return None
     return _np(c).reshape(-1)
+
+
+def _channel_values(t: torch.Tensor, channels: int, rank: int) -> np.ndarray | None:
+    """Per-channel values of a fill tensor that may be expanded over the slab it writes."""
+    if t.numel() == 1:
+        return np.full(channels, float(t.reshape(())))
+    t = t.reshape((1,) * (rank + 2 - t.dim()) + tuple(t.shape)) if t.dim() < rank + 2 else t
+    if t.dim() != rank + 2 or t.shape[1] != channels:
+        return None
+    flat = t.transpose(0, 1).reshape(channels, -1)
+    if not bool((flat == flat[:, :1]).all()):
+        return None
+    return _np(flat[:, 0])
 
 
 def _border_slice(index, pads, rank):

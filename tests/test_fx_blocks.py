@@ -130,8 +130,7 @@ def test_aten_graph(name):
         fuse_graph_module(gm)
     check_close(gm, model, x)
     assert convs(gm) <= before and bns(gm) == 0
-    if name != "dbb_bn_and_pad":  # the aten form of DBB's border writes is not recognized yet
-        assert convs(gm) == n_convs
+    assert convs(gm) == n_convs
 
 
 def test_training_mode_batchnorm_is_left_alone():

@@ -19,7 +19,7 @@ from torch import fx
 
 from ..patterns import affine as A
 from ..patterns.affine import Declined
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan, precision
+from ..patterns.planner import Affine, Concat, Plan, Region, Sum, padded, plan, precision
 
 aten = torch.ops.aten
 
@@ -404,10 +404,7 @@ class FxView:
     def _padded(self, node, x, pads, value):
         channels = self.channels_and_rank(x)[0]
         fill = self._border_fill(node, pads, channels)
-        values = np.full(channels, float(value)) if fill is None else fill
-        if not np.any(values):
-            return Affine(x, A.zero_pad(channels, pads))
-        return PadWith(x, pads, values, self.fill_precision.get(node, 1e-5))
+        return padded(x, channels, pads, float(value) if fill is None else fill, self.fill_precision.get(node, 1e-5))
 
     def _border_fill(self, node, pads, channels) -> np.ndarray | None:
         """Recognize `out = pad(x); out[.., border, ..] = v` for every border (DBB's BN-and-pad).

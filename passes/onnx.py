@@ -18,7 +18,7 @@ import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, plan, precision
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, padded, plan, precision
 from .report import GraphStats, RegionRow, describe_op
 
 __all__ = ["OnnxView", "fuse_model", "graph_stats"]
@@ -295,10 +295,7 @@ class OnnxView:
         if any(u.node.op_type in _BORDER_WRITE for u in node.outputs[0].uses()):
             return None  # the border writes that follow decide what this is
         x, pads, value = self._pad_geometry(node)
-        channels = self._cr(x)[0]
-        if value == 0.0:
-            return Affine(x, A.zero_pad(channels, pads))
-        return PadWith(x, pads, np.full(channels, value))
+        return padded(x, self._cr(x)[0], pads, value)
 
     def _ScatterND(self, node):
         return self._border_fill(node)

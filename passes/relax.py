@@ -16,7 +16,7 @@ from tvm import relax
 from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Sum, plan, precision
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Sum, padded, plan, precision
 
 __all__ = ["RelaxView", "fuse_function"]
 
@@ -288,10 +288,7 @@ class RelaxView:
         if any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(self._var_of(call), [])):
             return None  # the border writes that follow decide what this is
         x, pads, value = self._pad_geometry(call)
-        c = self._cr(x)[0]
-        if value == 0.0:
-            return Affine(x, A.zero_pad(c, pads))
-        return PadWith(x, pads, np.full(c, value))
+        return padded(x, self._cr(x)[0], pads, value)
 
     def _slice_scatter(self, call):
         """nn.pad followed by slice_scatters that write every border (DBB's BN-and-pad after torch.export)."""

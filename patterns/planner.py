@@ -61,6 +61,15 @@ class Concat:
     inputs: tuple[Key, ...]
 
 
+def padded(input: Key, channels: int, pads: A.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
+    """Padding with a constant (scalar or per channel): zero padding is an affine op, anything else waits
+    for the op before it to produce exactly that value on a zero input."""
+    values = np.broadcast_to(np.asarray(values, dtype=np.float64), (channels,))
+    if not np.any(values):
+        return Affine(input, A.zero_pad(channels, pads))
+    return PadWith(input, pads, values.copy(), rtol)
+
+
 def precision(eps: float) -> float:
     """Relative tolerance for constants stored with machine epsilon `eps` (a few units in the last place)."""
     return max(1e-5, 4 * float(eps))

@@ -154,9 +154,10 @@ def _optimize(args) -> int:
     progress.stage(f"loading {source}")
     model = pipeline.load(source)
     in_bytes = source.stat().st_size + _data_bytes(source)
-    if len(model.graph) >= 2000 and not args.quiet:
+    nodes = pipeline.node_count(model)
+    if nodes >= 2000 and not args.quiet:
         progress.enabled = True  # large models get stage lines even when stderr is a file
-    progress.stage(f"{len(model.graph)} nodes; optimizing" + ("" if args.no_simplify else " (onnxsim first)"))
+    progress.stage(f"{nodes} nodes; optimizing" + ("" if args.no_simplify else " (onnxsim first)"))
     model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, warn=warn, progress=progress)
     progress.stage(f"writing {target}")
 
@@ -210,8 +211,6 @@ def _compile(args) -> int:
     except ImportError as e:
         print(f"repfuse: error: {e}", file=sys.stderr)
         return 2
-    import onnx_ir as ir
-
     source, target = Path(args.input), Path(args.output)
     if target.exists() and target.resolve() == source.resolve():
         raise pipeline.InputError(f"{target}: OUT is IN; refusing to overwrite the input")
@@ -222,7 +221,7 @@ def _compile(args) -> int:
                                       warn=lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     try:
-        tvm_backend.compile_onnx(ir.serde.serialize_model(model), target, args.target)
+        tvm_backend.compile_onnx(pipeline.to_proto(model), target, args.target)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"repfuse: error: TVM could not build {source} for {args.target}: {first}", file=sys.stderr)

@@ -34,28 +34,43 @@ class InputError(Exception):
     """A problem with what the user gave us (file, path, opset): reported in one line."""
 
 
-def load(path: str | os.PathLike) -> ir.Model:
+Loaded = "onnx.ModelProto | ir.Model"  # a ModelProto when it fits one protobuf, else a lazy onnx_ir Model
+
+
+def load(path: str | os.PathLike):
+    """Read a model for `optimize`: a ModelProto (weights in memory) when it fits one protobuf,
+    else an onnx_ir Model whose external weights stay memory-mapped."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not an ONNX file")
     try:
-        model = ir.load(path)
+        model = ir.load(path) if _on_disk_bytes(path) > _SIMPLIFY_LIMIT else onnx.load(str(path))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it or its external data: {e}") from None
     except Exception as e:  # protobuf reports corrupt files with several exception types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {reason}") from None
     check_opset(model, str(path))
-    if _tensor_bytes(model) <= _SIMPLIFY_LIMIT:
-        try:  # small enough to hold: read external weights now, so the file can be overwritten later
-            ir.external_data.load_to_model(model)
-        except OSError as e:
-            raise InputError(f"{path}: cannot read its external data: {e}") from None
     return model
 
 
-def check_opset(model: ir.Model, name: str = "model") -> int:
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+def node_count(model) -> int:
+    return len(model.graph.node) if isinstance(model, onnx.ModelProto) else len(model.graph)
+
+
+def _on_disk_bytes(path: Path) -> int:
+    """The model file plus the data files beside it (an upper bound on its weights)."""
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.data") if p.is_file())
+
+
+def check_opset(model, name: str = "model") -> int:
+    if isinstance(model, onnx.ModelProto):
+        imports = {o.domain: o.version for o in model.opset_import}
+    else:
+        imports = dict(model.opset_imports)
+    opset = imports.get("", imports.get("ai.onnx"))
     newest = onnx.defs.onnx_opset_version()
     if opset is None:
         raise InputError(f"{name}: no default-domain opset import; is this an ONNX model?")
@@ -72,28 +87,23 @@ def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def simplify(model: ir.Model, warn: Callable[[str], None]) -> ir.Model:
+def simplify(proto: onnx.ModelProto, warn: Callable[[str], None]) -> onnx.ModelProto:
     """onnxsim's constant folding and shape inference; on any failure warn once and keep the model."""
     try:
         import onnxsim
     except ImportError:
         warn("onnxsim is not installed (pip install 'repfuse[onnx]'); continuing without simplification")
-        return model
-    if _tensor_bytes(model) > _SIMPLIFY_LIMIT:
-        warn("model is too large for onnxsim (protobuf limit); continuing without simplification")
-        return model
+        return _infer_shapes(proto)
     try:
-        proto = ir.serde.serialize_model(model)
         with _quiet_native_output():
             simplified, ok = onnxsim.simplify(proto)
-        if not ok:
-            warn("onnxsim could not validate its result; continuing without simplification")
-            return model
-        return ir.serde.deserialize_model(simplified)
+        if ok:
+            return simplified
+        warn("onnxsim could not validate its result; continuing without simplification")
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warn(f"onnxsim failed ({reason}); continuing without simplification")
-        return model
+    return _infer_shapes(proto)
 
 
 @contextlib.contextmanager
@@ -112,32 +122,61 @@ def _quiet_native_output():
                 os.close(fd)
 
 
-def _infer_shapes(model: ir.Model) -> ir.Model:
-    if _tensor_bytes(model) > _SIMPLIFY_LIMIT:
-        return model
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return ir.passes.common.ShapeInferencePass()(model).model
+        return onnx.shape_inference.infer_shapes(proto)
     except Exception:  # shapes are a help, not a requirement: unknown shapes only decline fusions
-        return model
+        return proto
 
 
-def optimize(model: ir.Model, *, simplify_first: bool = True, warn: Callable[[str], None] | None = None,
+def _proto_stats(proto: onnx.ModelProto):
+    """Op counts, conv count and parameters of the input, read straight from the protobuf (cheap on
+    exporter graphs with thousands of shape ops); MACs are filled in once shapes are known."""
+    from ..passes.report import GraphStats
+
+    stats = GraphStats()
+    constants = {i.name for i in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in proto.graph.node:
+        stats.ops[node.op_type] += 1
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in constants:
+            stats.convs += 1
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    stats.params = sum(int(np.prod(i.dims, dtype=np.int64)) for i in proto.graph.initializer if i.data_type in floating)
+    return stats
+
+
+def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> tuple[ir.Model, FusionReport]:
-    """Run the pipeline on an in-memory model; returns the optimized model and its report."""
+    """Run the pipeline on a loaded model (ModelProto or onnx_ir Model); returns the optimized
+    onnx_ir Model and its report.  Nothing is checked or written yet: see `to_proto` and `save`."""
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     check_opset(model)
-    model = _infer_shapes(model)
-    before = onnxpass.graph_stats(model)
-    if simplify_first:
-        model = _infer_shapes(simplify(model, warn))
+    if isinstance(model, ir.Model):
+        if _tensor_bytes(model) <= _SIMPLIFY_LIMIT:
+            model = ir.serde.serialize_model(model)
+        else:
+            warn("model is too large for onnxsim and shape inference (protobuf limit); fusing as it is")
+    if isinstance(model, onnx.ModelProto):
+        before = _proto_stats(model)
+        proto = simplify(model, warn) if simplify_first else _infer_shapes(model)
+        model = ir.serde.deserialize_model(proto)
+        before.macs = onnxpass.graph_stats(model).macs  # simplification leaves convs and their shapes alone
+    else:
+        before = onnxpass.graph_stats(model)
     rows, declined = onnxpass.fuse_model(
         model, progress=(lambda i, n: progress("fusing", i, n)) if progress else None)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
-    if _tensor_bytes(model) < _PROTOBUF_LIMIT:
-        onnx.checker.check_model(ir.serde.serialize_model(model))
     after = onnxpass.graph_stats(model)
     return model, FusionReport(before, after, rows, sorted(declined.items()))
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize and run onnx.checker (models under 2 GB; larger ones are checked from disk by `save`)."""
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    return proto
 
 
 def optimize_onnx(model_or_path, simplify: bool = True) -> onnx.ModelProto:
@@ -149,13 +188,13 @@ def optimize_onnx(model_or_path, simplify: bool = True) -> onnx.ModelProto:
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model_or_path)
+        model = model_or_path
     elif isinstance(model_or_path, ir.Model):
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(model_or_path))
+        model = ir.serde.serialize_model(model_or_path)
     else:
         raise TypeError(f"optimize_onnx takes a path, onnx.ModelProto or onnx_ir.Model, not {type(model_or_path)}")
     model, report = optimize(model, simplify_first=simplify)
-    proto = ir.serde.serialize_model(model)
+    proto = to_proto(model)
     proto.metadata_props.add(key="repfuse.regions_fused", value=str(len(report.regions)))
     return proto
 
@@ -172,7 +211,7 @@ def check_writable(out: str | os.PathLike) -> None:
 
 
 def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool = False) -> list[Path]:
-    """Write atomically: into a temporary folder beside `out`, then rename into place.
+    """Check and write atomically: into a temporary folder beside `out`, then rename into place.
 
     Weights go to `<out>.data` beside the model when asked, or when the model
     would not fit one protobuf.  Returns the files written.
@@ -187,8 +226,9 @@ def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool = False
         try:
             if external:
                 ir.save(model, tmp_model, external_data=data_name)
+                onnx.checker.check_model(str(tmp_model))
             else:
-                ir.save(model, tmp_model)
+                onnx.save(to_proto(model), str(tmp_model))
         except OSError as e:
             raise InputError(f"{out}: cannot write: {e.strerror or e}") from None
         if external:

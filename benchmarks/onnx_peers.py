@@ -43,9 +43,10 @@ variants of each network are
 
 and for each we record the node count and Conv count of the model file (Conv
 counts every op named Conv or FusedConv, whatever its domain), the optimize
-wall time (min over --opt-repeats calls; every tool gets the input *path*,
-so loading is included for all alike), the onnxruntime CPU latency and the
-max abs error against the training-form torch output.
+wall time (min over --opt-repeats calls, fewer once a tool has used 10 s;
+every tool gets the input *path*, so loading is included for all alike), the
+onnxruntime CPU latency and the max abs error against the training-form
+torch output.
 
 Latency: one onnxruntime session per variant, intra-op and inter-op threads
 1, sequential execution, graph_optimization_level ORT_ENABLE_ALL for every
@@ -60,21 +61,25 @@ Per network a summary line gives: repfuse latency / hand-fused (target
 optimize wall time of repfuse against onnxsim on the same model (target: no
 slower).  As repfuse runs onnxsim inside, both repfuse's total and its own
 time (optimize_onnx(onnxsim output, simplify=False)) are given, and, unless
---no-cli, the command-line wall times `repfuse optimize IN -o OUT -q` against
-`python -m onnxsim IN OUT` (interpreter start-up and imports included).
+--no-cli, fresh-process wall times (interpreter start-up and imports
+included): `repfuse optimize IN -o OUT -q` against a `python -c` that runs
+onnxsim.simplify and onnx.save.  (Not the `onnxsim` command itself: in
+onnxsim 0.8 it prints a model-info summary computed with sympy that takes
+most of its run time, e.g. 78 s of 80 on dbb-resnet18, with check_n 0.)
 
 Scaling: synthetic ONNX chains of RepVGG-style blocks (Conv3x3+BN, Conv1x1+BN,
 BN identity, two Adds, Relu: 8 nodes a block; 8 channels, 8x8) are built with
 onnx.helper at about 1,250 / 2,500 / 5,000 / 10,000 nodes, and
 repfuse.optimize_onnx(model, simplify=False) and simplify=True are timed
 (onnxsim.simplify alone too, for reference).  The growth exponent is the
-least-squares slope of log(time) on log(nodes); when it is above 1.2 (or with
---profile) the largest model is run under cProfile and the phases (load,
-simplify, shape inference, fuse, cleanup, check, serialize) and the hottest
-functions are printed.
+least-squares slope of log(time) on log(nodes) (up to 1.1: about linear;
+above 1.2: superlinear).  When it is above 1.1 (or with --profile) the
+largest model is run under cProfile and the phases (load, simplify, shape
+inference, fuse, cleanup, check, serialize) and the hottest functions (with
+the caller that spends most of each one's own time) are printed.
 
 Usage:  python benchmarks/onnx_peers.py [--quick] [--json PATH] [--networks a,b] [--rounds N]
-        (--quick: 1x3x64x64 input, repvgg-a0 and dbb-resnet18 only, few rounds,
+        (--quick: 1x3x64x64 input, repvgg-a0 and mobileone-s0 only, few rounds,
         scaling at 1,250 and 2,500 nodes)
 """
 
@@ -377,7 +382,7 @@ NETWORKS = {
     "dbb-resnet18": (lambda seed: make_resnet(dbb_unit, seed), hand_fuse_resnet),
     "mobileone-s0": (make_mobileone, hand_fuse_mobileone),
 }
-QUICK_NETWORKS = ["repvgg-a0", "dbb-resnet18"]
+QUICK_NETWORKS = ["repvgg-a0", "mobileone-s0"]
 
 
 # ================================================================ the variants
@@ -439,13 +444,16 @@ TOOLS = {"onnxsim": run_onnxsim, "onnxslim": run_onnxslim, "onnxoptimizer": run_
          "ort-offline": run_ort_offline, "repfuse": run_repfuse}
 
 
-def timed_tool(tool, src: Path, dst: Path, repeats: int) -> list[float]:
-    """Wall seconds of each of `repeats` runs of a tool (the file is rewritten each time).
+def timed_tool(tool, src: Path, dst: Path, repeats: int, budget_s: float = 10.0) -> list[float]:
+    """Wall seconds of up to `repeats` runs of a tool (the file is rewritten each time); no
+    further run starts once the runs so far took `budget_s` in all (a slow tool runs once).
 
     The save of the result is inside the timing for every tool alike (ort-offline saves inside
     session creation); it is a small part for models of this size."""
     times = []
     for _ in range(repeats):
+        if sum(times) >= budget_s:
+            break
         with stdout_to_stderr(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
@@ -578,9 +586,11 @@ def bench_network(name: str, args, workdir: Path, size: int) -> dict:
     cli = {}
     if not args.no_cli:
         log("   command-line wall times ...")
+        onnxsim_script = ("import sys, onnx, onnxsim; model, ok = onnxsim.simplify(sys.argv[1]); "
+                          "onnx.save(model, sys.argv[2])")
         for tool, argv in {"repfuse": [sys.executable, "-m", "repfuse", "optimize", str(paths["input"]), "-o",
                                        str(workdir / f"{name}.cli-repfuse.onnx"), "-q"],
-                           "onnxsim": [sys.executable, "-m", "onnxsim", str(paths["input"]),
+                           "onnxsim": [sys.executable, "-c", onnxsim_script, str(paths["input"]),
                                        str(workdir / f"{name}.cli-onnxsim.onnx")]}.items():
             try:
                 cli[tool] = cli_seconds(argv, args.cli_repeats)
@@ -670,8 +680,9 @@ def print_network(result: dict, args) -> None:
           f"optimize time repfuse {fmt(s['repfuse_total_s'], '.3f')} s total "
           f"(own, simplify=False on the onnxsim output: {fmt(s['repfuse_own_s'], '.3f')} s) vs onnxsim "
           f"{fmt(s['onnxsim_s'], '.3f')} s (target no slower: {'met' if s['time_target_met'] else 'NOT met'})"
-          + (f"; CLI wall `repfuse optimize` {fmt(s['cli_repfuse_s'], '.2f')} s vs `python -m onnxsim` "
-             f"{fmt(s['cli_onnxsim_s'], '.2f')} s" if not args.no_cli else ""))
+          + (f"; fresh-process wall `repfuse optimize IN -o OUT -q` {fmt(s['cli_repfuse_s'], '.2f')} s vs "
+             f"`python -c <onnxsim.simplify + onnx.save>` {fmt(s['cli_onnxsim_s'], '.2f')} s"
+             if not args.no_cli else ""))
 
 
 # ================================================================ scaling
@@ -754,9 +765,12 @@ def profile_optimize(model: onnx.ModelProto, simplify: bool) -> dict:
                 cum = max(cum, ct)  # the outermost call of a phase covers its nested calls
         phases[phase] = cum
     hot = []
-    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():
+    for (filename, line, func), (_cc, nc, tt, ct, callers) in stats.stats.items():
+        # the caller that spent most of this function's own time in it
+        top = max(callers.items(), key=lambda item: item[1][2], default=None)
+        caller = None if top is None else f"{short_path(top[0][0])}:{top[0][1]}({top[0][2]})"
         hot.append({"function": f"{short_path(filename)}:{line}({func})", "ncalls": nc, "tottime": tt,
-                    "cumtime": ct})
+                    "cumtime": ct, "top_caller": caller})
     by_cum = sorted(hot, key=lambda h: -h["cumtime"])[:25]
     by_tot = sorted(hot, key=lambda h: -h["tottime"])[:15]
     return {"simplify": simplify, "total_s_profiled": total, "phases_s": phases, "top_cumulative": by_cum,
@@ -769,6 +783,18 @@ def short_path(filename: str) -> str:
         if anchor in parts:
             return "/".join(parts[parts.index(anchor) + 1:])
     return "/".join(parts[-3:])
+
+
+LINEAR_SLOPE = 1.1  # growth exponents up to this count as about linear
+SUPERLINEAR_SLOPE = 1.2  # above this: clearly superlinear
+
+
+def growth(slope: float | None) -> str:
+    if slope is None:
+        return "unknown"
+    if slope <= LINEAR_SLOPE:
+        return "about linear"
+    return "slightly superlinear" if slope <= SUPERLINEAR_SLOPE else "SUPERLINEAR"
 
 
 def loglog_slope(nodes: list[int], seconds: list[float]) -> float | None:
@@ -836,7 +862,7 @@ def bench_scaling(args) -> dict:
     largest = max(models)
     for label, simplify in (("nosim", False), ("sim", True)):
         slope = result["slopes"][label]
-        if args.profile or (slope is not None and slope > 1.2):
+        if args.profile or (slope is not None and slope > LINEAR_SLOPE):
             log(f"== scaling: profiling repfuse.optimize_onnx(simplify={simplify}) on {largest} nodes ...")
             try:
                 result["profiles"].append(profile_optimize(models[largest], simplify))
@@ -856,7 +882,8 @@ def print_scaling(result: dict) -> None:
         def per(v):
             return None if v is None else v / k
 
-        print(f"| {r['nodes']} | {fmt(r.get('repfuse_nosim_s'), '.3f')} | {fmt(per(r.get('repfuse_nosim_s')), '.3f')} | "
+        print(f"| {r['nodes']} | {fmt(r.get('repfuse_nosim_s'), '.3f')} | "
+              f"{fmt(per(r.get('repfuse_nosim_s')), '.3f')} | "
               f"{fmt(r.get('repfuse_sim_s'), '.3f')} | {fmt(per(r.get('repfuse_sim_s')), '.3f')} | "
               f"{fmt(r.get('onnxsim_s'), '.3f')} | {fmt(r.get('repfuse_nosim_nodes_after'), 'd')} |")
         for key in ("repfuse_nosim_error", "repfuse_sim_error", "onnxsim_error"):
@@ -866,13 +893,13 @@ def print_scaling(result: dict) -> None:
     largest = result["rows"][-1]
     print(f"\ngrowth exponent (slope of log time on log nodes): repfuse simplify=False "
           f"{fmt(slopes['nosim'], '.2f')}, simplify=True {fmt(slopes['sim'], '.2f')}, onnxsim alone "
-          f"{fmt(slopes['onnxsim'], '.2f')}  (1.0 = linear; above 1.2 counted as superlinear)")
+          f"{fmt(slopes['onnxsim'], '.2f')}  (1.0 = linear; up to {LINEAR_SLOPE} about linear, above "
+          f"{SUPERLINEAR_SLOPE} superlinear)")
     for label, text in (("nosim", "simplify=False"), ("sim", "simplify=True")):
         t = largest.get(f"repfuse_{label}_s")
         slope = slopes[label]
         print(f"repfuse {text}: {largest['nodes']} nodes in {fmt(t, '.2f')} s "
-              f"({'under' if t is not None and t < 10 else 'NOT under'} 10 s); growth "
-              f"{'about linear' if slope is not None and slope <= 1.2 else 'SUPERLINEAR'}")
+              f"({'under' if t is not None and t < 10 else 'NOT under'} 10 s); growth {growth(slope)}")
     c = result["check"]
     if "error" in c:
         print(f"numbers check on the smallest chain: FAILED: {c['error']}")
@@ -890,10 +917,11 @@ def print_scaling(result: dict) -> None:
         print("|---|---:|---:|---:|")
         for h in prof["top_cumulative"]:
             print(f"| {h['function']} | {h['ncalls']} | {h['tottime']:.3f} | {h['cumtime']:.3f} |")
-        print("\n| function (by own time) | ncalls | tottime s | cumtime s |")
-        print("|---|---:|---:|---:|")
+        print("\n| function (by own time) | ncalls | tottime s | cumtime s | main caller |")
+        print("|---|---:|---:|---:|---|")
         for h in prof["top_tottime"]:
-            print(f"| {h['function']} | {h['ncalls']} | {h['tottime']:.3f} | {h['cumtime']:.3f} |")
+            print(f"| {h['function']} | {h['ncalls']} | {h['tottime']:.3f} | {h['cumtime']:.3f} | "
+                  f"{h['top_caller'] or '-'} |")
 
 
 # ================================================================ main
@@ -902,9 +930,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 64x64 input, two networks, few rounds, small scaling sizes")
-    parser.add_argument("--networks", help=f"comma-separated subset of {', '.join(NETWORKS)}")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per variant (default 5, quick 2)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (default 30, quick 5)")
+    parser.add_argument("--networks", help=f"comma-separated subset of {', '.join(NETWORKS)}, or none")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per variant (default 5, quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (default 60, quick 20)")
     parser.add_argument("--opt-repeats", type=int, default=None,
                         help="runs of each optimizer; the minimum is reported (default 3, quick 1)")
     parser.add_argument("--cli-repeats", type=int, default=None, help="runs of each command line (default 2, quick 1)")
@@ -918,11 +946,14 @@ def main() -> int:
     args = parser.parse_args()
 
     size = 64 if args.quick else 224
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    args.rounds = args.rounds if args.rounds is not None else (5 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
+    args.rounds = args.rounds if args.rounds is not None else (20 if args.quick else 60)
     args.opt_repeats = args.opt_repeats if args.opt_repeats is not None else (1 if args.quick else 3)
     args.cli_repeats = args.cli_repeats if args.cli_repeats is not None else (1 if args.quick else 2)
-    networks = args.networks.split(",") if args.networks else (QUICK_NETWORKS if args.quick else list(NETWORKS))
+    if args.networks is not None:
+        networks = [] if args.networks in ("", "none") else args.networks.split(",")
+    else:
+        networks = QUICK_NETWORKS if args.quick else list(NETWORKS)
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")

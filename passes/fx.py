@@ -500,10 +500,9 @@ class FxView:
             raise Declined("input shape unknown")
         if isinstance(c, (int, float)):
             return np.full(cr[0], float(c))
-        v = _per_channel(c, shape, cr[0])
-        if v is None:
-            raise Declined("constant operand is not per-channel")
-        return v
+        if shape is None:
+            raise Declined("input shape unknown")
+        return A.channel_vector(_np(c), len(shape), cr[0])
 
     def _affine_elementwise(self, node, x, scale, shift):
         x = self._input(node, x)
@@ -589,22 +588,6 @@ def _fetch_attr(gm: nn.Module, target: str):
         if obj is None:
             return None
     return obj
-
-
-def _per_channel(c: torch.Tensor, shape, channels: int) -> np.ndarray | None:
-    """Vector of length `channels` if constant `c` broadcasts over a tensor of `shape` per channel."""
-    if shape is None:
-        return None
-    c = torch.as_tensor(c)
-    if c.numel() == 1:
-        return np.full(channels, float(c.reshape(())))
-    if c.dim() > len(shape):
-        return None
-    cs = (1,) * (len(shape) - c.dim()) + tuple(c.shape)
-    for i, n in enumerate(cs):
-        if n != 1 and not (i == 1 and n == channels):
-            return None
-    return _np(c).reshape(-1)
 
 
 def _channel_values(t: torch.Tensor, channels: int, rank: int) -> np.ndarray | None:

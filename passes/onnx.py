@@ -165,52 +165,34 @@ class OnnxView:
                 return None
         return self._Identity(node)
 
-    def _per_channel(self, x: ir.Value, c: np.ndarray) -> np.ndarray:
-        channels, _ = self._cr(x)
-        dims = _dims(x)
-        if c.size == 1:
-            return np.full(channels, float(c.reshape(())))
-        shape = (1,) * (len(dims) - c.ndim) + c.shape
-        if c.ndim > len(dims) or any(n != 1 and not (i == 1 and n == channels) for i, n in enumerate(shape)):
-            raise Declined("constant operand is not per-channel")
-        return c.reshape(-1).astype(np.float64)
-
     def _elementwise(self, node, kind):
         a, b = node.inputs[0], node.inputs[1]
         ca, cb = const_array(a), const_array(b)
-        if (ca is None) == (cb is None):
-            if ca is None and kind in ("Add", "Sub"):
+        if ca is None and cb is None:
+            if kind in ("add", "sub"):
                 # No shape test: shape inference names equal dynamic dims differently.  The planner
                 # only sums maps of one source whose channels and output sizes agree, so no
                 # broadcasting can hide behind an accepted sum.
-                return Sum((a, b), (1.0, 1.0 if kind == "Add" else -1.0))
+                return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
+            return None
+        if ca is not None and cb is not None:
             return None
         x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
-        v = self._per_channel(x, c)
         channels, rank = self._cr(x)
-        if kind == "Add":
-            scale, shift = np.ones(channels), v
-        elif kind == "Sub":
-            scale, shift = (-np.ones(channels), v) if const_first else (np.ones(channels), -v)
-        elif kind == "Mul":
-            scale, shift = v, np.zeros(channels)
-        else:  # Div
-            if const_first:
-                return None
-            scale, shift = 1.0 / v, np.zeros(channels)
-        return Affine(x, A.per_channel(scale, shift, rank))
+        op = A.elementwise(kind, A.channel_vector(c, rank + 2, channels), const_first, rank)
+        return None if op is None else Affine(x, op)
 
     def _Add(self, node):
-        return self._elementwise(node, "Add")
+        return self._elementwise(node, "add")
 
     def _Sub(self, node):
-        return self._elementwise(node, "Sub")
+        return self._elementwise(node, "sub")
 
     def _Mul(self, node):
-        return self._elementwise(node, "Mul")
+        return self._elementwise(node, "mul")
 
     def _Div(self, node):
-        return self._elementwise(node, "Div")
+        return self._elementwise(node, "div")
 
     def _Neg(self, node):
         x = self._input(node)

@@ -197,44 +197,23 @@ class RelaxView:
         return Affine(x, A.batchnorm(mean, var, gamma if a.scale else None, beta if a.center else None,
                                      float(a.epsilon), rank))
 
-    def _per_channel(self, x, c: np.ndarray) -> np.ndarray:
-        channels, _ = self._cr(x)
-        shape, _ = self._shape(x)
-        if c.size == 1:
-            return np.full(channels, float(c.reshape(())))
-        full = (1,) * (len(shape) - c.ndim) + c.shape
-        if c.ndim > len(shape) or any(n != 1 and not (i == 1 and n == channels) for i, n in enumerate(full)):
-            raise Declined("constant operand is not per-channel")
-        return c.reshape(-1).astype(np.float64)
-
     def _binary(self, call):
-        name = call.op.name
+        kind = _ELEMENTWISE[call.op.name]
         a, b = call.args
         ca, cb = self.const(a), self.const(b)
         if ca is None and cb is None:
-            if name in ("relax.add", "relax.subtract"):
+            if kind in ("add", "sub"):
                 if self._shape(a) != self._shape(b) or self._shape(a)[0] is None:
                     raise Declined("operands of different or unknown shapes (broadcasting)")
-                return Sum((a, b), (1.0, 1.0 if name == "relax.add" else -1.0))
+                return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
             return None
         if ca is not None and cb is not None:
             return None
         x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
         x = self._input(x)
-        v = self._per_channel(x, c)
         channels, rank = self._cr(x)
-        ones, zeros = np.ones(channels), np.zeros(channels)
-        if name == "relax.add":
-            scale, shift = ones, v
-        elif name == "relax.subtract":
-            scale, shift = (-ones, v) if const_first else (ones, -v)
-        elif name == "relax.multiply":
-            scale, shift = v, zeros
-        else:
-            if const_first:
-                return None
-            scale, shift = 1.0 / v, zeros
-        return Affine(x, A.per_channel(scale, shift, rank))
+        op = A.elementwise(kind, A.channel_vector(c, rank + 2, channels), const_first, rank)
+        return None if op is None else Affine(x, op)
 
     def _matmul(self, call):
         x, w = call.args
@@ -357,6 +336,8 @@ _FOLDS = {
     "relax.permute_dims": lambda e, a: np.transpose(a, None if e.attrs.axes is None else _ints(e.attrs.axes)),
     "relax.astype": lambda e, a: a.astype(str(e.attrs.dtype)),
 }
+
+_ELEMENTWISE = {"relax.add": "add", "relax.subtract": "sub", "relax.multiply": "mul", "relax.divide": "div"}
 
 _READERS = {
     "relax.nn.conv2d": RelaxView._conv,

@@ -37,7 +37,7 @@ import numpy as np
 __all__ = [
     "AffineConv", "Declined",
     "conv", "linear", "per_channel", "batchnorm", "identity", "zero_pad",
-    "avg_pool", "scale",
+    "avg_pool", "scale", "channel_vector", "elementwise",
     "check_add", "add", "check_compose", "compose", "check_concat", "concat",
     "check_pad_with", "pad_with",
 ]
@@ -212,6 +212,32 @@ def avg_pool(channels: int, rank: int, kernel, stride=None, padding=0, *, count_
     div = float(divisor) if divisor else float(np.prod(k))
     w = np.full((channels, 1) + k, 1.0 / div)  # [C, 1, *k]
     return AffineConv(w, np.zeros(channels), s, pads, (1,) * rank, channels)
+
+
+def channel_vector(c, value_ndim: int, channels: int) -> np.ndarray:
+    """The per-channel values of a constant broadcast over a [N, C, *spatial] tensor, or Declined
+    when it varies along any other axis (or would broadcast the tensor to a larger shape)."""
+    c = np.asarray(c)
+    if c.size == 1:
+        return np.full(channels, float(c.reshape(())))
+    shape = (1,) * (value_ndim - c.ndim) + c.shape
+    if c.ndim > value_ndim or any(n != 1 and not (i == 1 and n == channels) for i, n in enumerate(shape)):
+        raise Declined("constant operand is not per-channel")
+    return c.reshape(-1).astype(np.float64)
+
+
+def elementwise(kind: str, vector: np.ndarray, constant_first: bool, rank: int) -> AffineConv | None:
+    """x + c, x - c, c - x, x * c, c * x, x / c with a per-channel c; None for c / x (not affine)."""
+    ones, zeros = np.ones_like(vector), np.zeros_like(vector)
+    if kind == "add":
+        return per_channel(ones, vector, rank)
+    if kind == "sub":
+        return per_channel(-ones, vector, rank) if constant_first else per_channel(ones, -vector, rank)
+    if kind == "mul":
+        return per_channel(vector, zeros, rank)
+    if kind == "div" and not constant_first:
+        return per_channel(1.0 / vector, zeros, rank)
+    return None
 
 
 def scale(op: AffineConv, factor: float) -> AffineConv:

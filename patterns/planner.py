@@ -238,10 +238,17 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
     for v, region in maps.items():
         if v in absorbed or len(region.nodes) < 2:
             continue
-        if region.fused_cost > region.cost * (1 + 1e-9):
+        if _too_expensive(region):
             result.declined[v] = (f"fused op would cost {region.fused_cost:.0f} MACs per input position, "
                                   f"more than the {region.cost:.0f} of the {len(region.nodes)} ops it replaces")
-            cuts.update(_inputs(view.describe(v)))
+            # Cut where the region first stopped paying off, so the cheap parts before it still fuse
+            # (depthwise-BN then pointwise-BN: two convs, not one dense one and a stray BN).
+            first_bad = next((n for n in region.nodes if len(maps[n].nodes) > 1 and _too_expensive(maps[n])), v)
+            cuts.update(_inputs(view.describe(first_bad)))
             continue
         result.regions.append(region)
     return result, cuts
+
+
+def _too_expensive(region: Region) -> bool:
+    return region.fused_cost > region.cost * (1 + 1e-9)

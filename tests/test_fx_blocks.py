@@ -202,3 +202,12 @@ def test_avg_pool_branch_fuses_only_when_it_counts_padding(count_include_pad, fu
     pools = sum(n.target is F.avg_pool2d for n in gm.graph.nodes)
     assert (convs(gm), pools) == ((1, 0) if fuses else (1, 1))
     assert bns(gm) == 0
+
+
+def test_refused_chain_is_cut_where_it_stops_paying_off():
+    # depthwise 3x3-BN then pointwise 1x1-BN: one dense 3x3 would cost more, but each half folds its BN
+    model = B.randomize(torch.nn.Sequential(B.conv_bn(16, 16, 3, 1, 1, groups=16), B.conv_bn(16, 16, 1)))
+    x = torch.randn(2, 16, 8, 8)
+    gm = repfuse.deploy(model, (x,))
+    check_close(gm, model, x)
+    assert convs(gm) == 2 and bns(gm) == 0

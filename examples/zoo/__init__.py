@@ -41,7 +41,9 @@ class Network:
 
         from .common import randomize
 
-        model = randomize(self._mod().build(**{**self.kwargs, **overrides}), seed=self.seed)
+        module = self._mod()
+        own = getattr(module, "randomize", randomize)  # e.g. the pruned net re-applies its zeroed channels
+        model = own(module.build(**{**self.kwargs, **overrides}), seed=self.seed)
         if self.bn_gain != 1.0:
             with torch.no_grad():
                 for m in model.modules():

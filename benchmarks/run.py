@@ -691,10 +691,7 @@ def chart(results: list[dict], path: Path, meta: dict) -> None:
                 ax.annotate(text, (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=7,
                             xytext=(0, 2), textcoords="offset points")
         if backend_name == "onnxruntime":  # which tool was the best peer
-            for p, name, v in zip(pos, peer_names, peer_vals):
-                if name and not np.isnan(v):
-                    ax.annotate(name, (p - width / 2, 0), ha="center", va="bottom", fontsize=7, rotation=90,
-                                xytext=(0, 4), textcoords="offset points", color="white")
+            labels = [f"{label}\n({name or 'no peer'})" for label, name in zip(labels, peer_names)]
         ax.axhline(1.0, color="black", linewidth=0.8, label="reference (1.0)")
         ax.axhline(TARGET_RATIO, color="#d62728", linewidth=0.8, linestyle="--", label=f"target {TARGET_RATIO}")
         finite = [v for v in peer_vals + rf_vals if not np.isnan(v)]

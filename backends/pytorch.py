@@ -192,7 +192,7 @@ class FusedGraph:
             if not self.plan.regions:
                 self.report = FusionReport(before, before, [], [(str(k), v) for k, v in self.plan.declined.items()])
                 return
-            self.graph_module, new_placeholders, tensors = self._build(gm, params)
+            self.graph_module, tensors = self._build(gm, params)
             after = fxpass.graph_stats(fxpass.FxView(self.graph_module, self._constants(self.graph_module, params)))
         self.report = FusionReport(before, after, rows, [(str(k), v) for k, v in self.plan.declined.items()])
         self._signature = self.plan.signature()
@@ -210,20 +210,18 @@ class FusedGraph:
     def _build(self, gm: fx.GraphModule, params: list):
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         work_plan, view = fxpass.fuse(work, self._constants(work, params))
-        new_placeholders: list[fx.Node] = []
 
         def constant_node(name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
             first_op = next(n for n in work.graph.nodes if n.op != "placeholder")
             with work.graph.inserting_before(first_op):
                 node = work.graph.placeholder(name)
             node.meta["example_value"] = tensor
-            new_placeholders.append(node)
             return node
 
         tensors = fxpass.apply_plan(view, work_plan, constant_node, fxpass.example_like)
         work.graph.lint()
         work.recompile()
-        return work, new_placeholders, list(tensors.values())
+        return work, list(tensors.values())
 
     # -- prologue
     def _remember(self, params: list, tensors: list) -> None:

@@ -108,3 +108,15 @@ class ResNet18(nn.Module):
 def deploy_conv(cin: int, cout: int, k: int, stride: int) -> nn.Conv2d:
     """The deploy-form ResNet unit: one kxk conv with bias, 'same' padding."""
     return nn.Conv2d(cin, cout, k, stride, k // 2, bias=True)
+
+
+@torch.no_grad()
+def resnet18_deploy(model: ResNet18, fuse_unit) -> ResNet18:
+    """A new ResNet-18 with one conv (with bias) per unit; `fuse_unit(unit) -> (weight, bias)` is the paper's fold."""
+    deploy = ResNet18(deploy_conv, model.fc.out_features)
+    for src, dst in zip(model.units(), deploy.units(), strict=True):
+        weight, bias = fuse_unit(src)
+        dst.weight.copy_(weight)
+        dst.bias.copy_(bias)
+    deploy.fc.load_state_dict(model.fc.state_dict())
+    return deploy.eval()

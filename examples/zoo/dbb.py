@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from .common import ResNet18, conv_bn, deploy_conv, fuse_conv_bn
+    from .common import ResNet18, conv_bn, fuse_conv_bn, resnet18_deploy
 except ImportError:  # run with examples/zoo on sys.path
-    from common import ResNet18, conv_bn, deploy_conv, fuse_conv_bn
+    from common import ResNet18, conv_bn, fuse_conv_bn, resnet18_deploy
 
 INPUT_SIZE = (1, 3, 224, 224)
 
@@ -144,13 +144,6 @@ def fuse_unit(unit: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return fuse_conv_bn(conv.weight, conv.bias, bn)
 
 
-@torch.no_grad()
 def to_deploy(model: ResNet18) -> ResNet18:
     """A new ResNet-18 with one conv (with bias) per unit, equal to `model` in eval mode."""
-    deploy = ResNet18(deploy_conv, model.fc.out_features)
-    for src, dst in zip(model.units(), deploy.units(), strict=True):
-        weight, bias = fuse_unit(src)
-        dst.weight.copy_(weight)
-        dst.bias.copy_(bias)
-    deploy.fc.load_state_dict(model.fc.state_dict())
-    return deploy.eval()
+    return resnet18_deploy(model, fuse_unit)

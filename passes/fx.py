@@ -19,7 +19,8 @@ from torch import fx
 
 from ..patterns import affine as A
 from ..patterns.affine import Declined
-from ..patterns.planner import Affine, Concat, Plan, Region, Sum, padded, plan, precision
+from ..patterns.channels import ACTIVATIONS, clip
+from ..patterns.planner import Affine, Concat, Plan, Pointwise, Region, Scaled, Sum, padded, plan, precision
 
 aten = torch.ops.aten
 
@@ -90,6 +91,17 @@ _NEG = {operator.neg, torch.neg, aten.neg.default, "neg"}
 _CAT = {torch.cat, torch.concat, aten.cat.default}
 _IDENTITY = {torch.clone, aten.clone.default, "clone", "contiguous", aten.alias.default}
 _DROPOUT = {F.dropout, torch.dropout, aten.dropout.default}
+# elementwise activations (by the name patterns.channels.ACTIVATIONS knows them)
+_ACTIVATION = {F.relu: "relu", torch.relu: "relu", aten.relu.default: "relu", "relu": "relu",
+               F.relu6: "relu6", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", aten.sigmoid.default: "sigmoid",
+               "sigmoid": "sigmoid", F.hardsigmoid: "hardsigmoid", aten.hardsigmoid.default: "hardsigmoid",
+               F.hardswish: "hardswish", aten.hardswish.default: "hardswish", F.silu: "silu",
+               aten.silu.default: "silu", torch.tanh: "tanh", aten.tanh.default: "tanh", "tanh": "tanh"}
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
+                       nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.Tanh: "tanh"}
+_CLAMP = {F.hardtanh: ("min_val", "max_val", -1.0, 1.0), aten.hardtanh.default: ("min_val", "max_val", -1.0, 1.0),
+          torch.clamp: ("min", "max", None, None), aten.clamp.default: ("min", "max", None, None),
+          "clamp": ("min", "max", None, None)}
 
 
 # ---------------------------------------------------------------- the view
@@ -128,6 +140,12 @@ class FxView:
             return False
         fills = self.pad_fills.get(node, ())
         return len([u for u in node.users if u not in fills]) == 1
+
+    def readers(self, node: fx.Node):
+        if node in self._outputs:
+            return None
+        fills = self.pad_fills.get(node, ())
+        return [u for u in node.users if u not in fills]
 
     def channels_and_rank(self, node: fx.Node):
         shape = node_shape(node)
@@ -211,6 +229,8 @@ class FxView:
                 return self._pad_module
             if t is nn.Identity or (isinstance(mod, nn.modules.dropout._DropoutNd) and not mod.training):
                 return self._identity
+            if t in _ACTIVATION_MODULES or t is nn.Hardtanh:
+                return self._activation_module
             return None
         target = node.target
         try:
@@ -248,6 +268,10 @@ class FxView:
                 return self._identity
             if target in _DROPOUT:
                 return self._dropout
+            if target in _ACTIVATION:
+                return self._activation
+            if target in _CLAMP:
+                return self._clamp
         except TypeError:  # unhashable target
             return None
         return None
@@ -488,6 +512,24 @@ class FxView:
             return None
         return self._identity(node)
 
+    # -- activations (for dead-channel planning: constants pass through them)
+    def _activation(self, node):
+        return Pointwise(self._input(node, node.args[0]), ACTIVATIONS[_ACTIVATION[node.target]])
+
+    def _clamp(self, node):
+        low_name, high_name, low, high = _CLAMP[node.target]
+        low, high = _arg(node, 1, low_name, low), _arg(node, 2, high_name, high)
+        if not all(v is None or isinstance(v, (int, float)) for v in (low, high)):
+            return None
+        return Pointwise(self._input(node, node.args[0]), clip(low, high))
+
+    def _activation_module(self, node):
+        mod = self.gm.get_submodule(node.target)
+        x = self._input(node, node.args[0])
+        if type(mod) is nn.Hardtanh:
+            return Pointwise(x, clip(mod.min_val, mod.max_val))
+        return Pointwise(x, ACTIVATIONS[_ACTIVATION_MODULES[type(mod)]])
+
     # -- elementwise
     def _operands(self, node):
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
@@ -540,10 +582,24 @@ class FxView:
 
     def _mul(self, node):
         (a, ca), (b, cb) = self._operands(node)
-        if (ca is None) == (cb is None):
+        if ca is None and cb is None:
+            return self._scaled(node, a, b)
+        if ca is not None and cb is not None:
             return None
         x, c = (a, cb) if cb is not None else (b, ca)
         return self._affine_elementwise(node, x, self._channel_const(node, x, c), 0.0)
+
+    def _scaled(self, node, a, b):
+        """x * s with s a per-sample scalar [N, 1, ...] computed from data (a dynamic conv's attention)."""
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            return None
+        for x, s in ((a, b), (b, a)):
+            xs, ss = node_shape(x), node_shape(s)
+            if xs is None or ss is None or len(xs) != len(ss) or len(xs) < 2 or node_shape(node) != xs:
+                continue
+            if ss[0] == xs[0] and all(_hint(d) == 1 for d in ss[1:]) and self.channels_and_rank(x):
+                return Scaled(x, s)
+        return None
 
     def _div(self, node):
         (a, ca), (b, cb) = self._operands(node)
@@ -632,6 +688,13 @@ def _border_slice(index, pads, rank):
 _CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
 
+def to_tensor(array: np.ndarray, like: torch.Tensor | None) -> torch.Tensor:
+    """A float64 numpy array as a torch tensor in the model's dtype and device."""
+    dtype = like.dtype if like is not None and like.dtype.is_floating_point else torch.float32
+    device = like.device if like is not None else "cpu"
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+
 def fused_tensors(region: Region, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused weight and bias as torch tensors in the model's dtype and device."""
     dtype = like.dtype if like is not None and like.dtype.is_floating_point else torch.float32
@@ -639,6 +702,31 @@ def fused_tensors(region: Region, like: torch.Tensor | None) -> tuple[torch.Tens
     w = torch.from_numpy(np.ascontiguousarray(region.op.weight)).to(device=device, dtype=dtype)
     b = torch.from_numpy(np.ascontiguousarray(region.op.bias)).to(device=device, dtype=dtype)
     return w, b
+
+
+def _emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, w_node: fx.Node, b_node: fx.Node,
+                 groups: int | fx.Node | None = None) -> fx.Node:
+    """One conv / linear node computing `op` on x (inserted at the graph's insertion point)."""
+    if op.rank == 0:
+        return graph.call_function(F.linear, (x, w_node, b_node))
+    sym = tuple(min(p) for p in op.pads)
+    extra = [(bg - s, en - s) for (bg, en), s in zip(op.pads, sym)]
+    if any(e != (0, 0) for e in extra):
+        flat = [p for pair in reversed(extra) for p in pair]  # torch order: last dim first
+        x = graph.call_function(F.pad, (x, flat))
+    return graph.call_function(_CONV_FN[op.rank], (x, w_node, b_node, op.stride, sym, op.dilation,
+                                                   op.groups if groups is None else groups))
+
+
+def _replace(graph: fx.Graph, view: FxView, root: fx.Node, new: fx.Node, nodes) -> None:
+    """Point root's users at `new`, then erase the region's nodes (and border writes) that died."""
+    new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "example_value", "tensor_meta",
+                                                                   "stack_trace", "nn_module_stack")})
+    root.replace_all_uses_with(new)
+    for n in reversed(nodes):
+        for fill in view.pad_fills.get(n, ()):
+            _erase(graph, fill)
+        _erase(graph, n)
 
 
 def apply_plan(view: FxView, fx_plan: Plan, constant_node: Callable[[str, torch.Tensor, fx.Node], fx.Node],
@@ -652,32 +740,16 @@ def apply_plan(view: FxView, fx_plan: Plan, constant_node: Callable[[str, torch.
     created: dict[str, torch.Tensor] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # root of an applied region -> its fused node
     for i, region in enumerate(fx_plan.regions):
-        root, source, op = region.root, replaced.get(region.source, region.source), region.op
+        root, source = region.root, replaced.get(region.source, region.source)
         w, b = fused_tensors(region, like(region))
         wname, bname = f"repfuse_w{i}", f"repfuse_b{i}"
         created[wname], created[bname] = w, b
         w_node = constant_node(wname, w, root)
         b_node = constant_node(bname, b, root)
         with graph.inserting_before(root):
-            x = source
-            if op.rank == 0:
-                new = graph.call_function(F.linear, (x, w_node, b_node))
-            else:
-                sym = tuple(min(p) for p in op.pads)
-                extra = [(bg - s, en - s) for (bg, en), s in zip(op.pads, sym)]
-                if any(e != (0, 0) for e in extra):
-                    flat = [p for pair in reversed(extra) for p in pair]  # torch order: last dim first
-                    x = graph.call_function(F.pad, (x, flat))
-                new = graph.call_function(_CONV_FN[op.rank], (x, w_node, b_node, op.stride, sym, op.dilation,
-                                                              op.groups))
-        new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "example_value", "tensor_meta",
-                                                                       "stack_trace", "nn_module_stack")})
-        root.replace_all_uses_with(new)
+            new = _emit_affine(graph, source, region.op, w_node, b_node)
+        _replace(graph, view, root, new, region.nodes)
         replaced[root] = new
-        for n in reversed(region.nodes):
-            for fill in view.pad_fills.get(n, ()):
-                _erase(graph, fill)
-            _erase(graph, n)
     return created
 
 
@@ -701,14 +773,16 @@ def fuse(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None = Non
     return plan(view), view
 
 
-def fuse_graph_module(gm: fx.GraphModule, example_inputs=None):
-    """Fuse `gm` in place, its weights read from get_attr nodes and submodules; returns the FusionReport.
+def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[str] | None = None):
+    """Rewrite `gm` in place with the enabled rules (default: patterns.rules defaults); returns the FusionReport.
 
     Works on graphs from torch.fx.symbolic_trace (module calls), torch._dynamo.export
     (torch functions) and torch.export (aten ops).  Shapes come from node meta;
     when they are missing, `example_inputs` are run through ShapeProp first.
     Parameters that require grad count as constants only under torch.no_grad().
     """
+    from ..patterns import rules as R
+    from .fx_rewrites import run_rules
     from .report import FusionReport
 
     if example_inputs is not None and any(node_shape(n) is None for n in gm.graph.nodes if n.op == "placeholder"):
@@ -716,27 +790,27 @@ def fuse_graph_module(gm: fx.GraphModule, example_inputs=None):
 
         ShapeProp(gm).propagate(*example_inputs)
     before = graph_stats(FxView(gm))
-    fx_plan, view = fuse(gm)
-    rows = region_rows(view, fx_plan)
 
     def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
         name = _free_name(gm, name)
         gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         with gm.graph.inserting_before(before_node):
-            return gm.graph.get_attr(name)
+            node = gm.graph.get_attr(name)
+        node.meta["val"] = tensor
+        return node
 
-    apply_plan(view, fx_plan, constant_node, example_like)
+    run = run_rules(gm, None, constant_node, R.enabled() if rules is None else rules)
     _drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
     after = graph_stats(FxView(gm))
-    declined = [(str(k), v) for k, v in fx_plan.declined.items()]
-    return FusionReport(before=before, after=after, regions=rows, declined=declined)
+    return FusionReport(before=before, after=after, regions=run.regions, declined=run.declined,
+                        rules=list(run.rules.values()))
 
 
-def example_like(region: Region) -> torch.Tensor | None:
+def example_like(region_or_node) -> torch.Tensor | None:
     """A tensor (often fake) with the dtype and device the fused weights should have."""
-    root = region.root
+    root = getattr(region_or_node, "root", region_or_node)
     for key in ("val", "example_value"):
         v = root.meta.get(key)
         if isinstance(v, torch.Tensor):
@@ -818,7 +892,8 @@ def graph_stats(view: FxView):
                 dims = [_hint(d) for d in out[2:]] if out is not None else [None]
                 if None not in dims:
                     positions = int(np.prod(dims, dtype=np.int64))
-                    stats.macs += positions * int(np.prod(wshape, dtype=np.int64))
+                    samples = node.meta.get("repfuse_samples", 1)  # a dynamic conv runs the batch as groups
+                    stats.macs += positions * int(np.prod(wshape, dtype=np.int64)) // samples
         tensors = []
         if node.op == "call_module":
             tensors = list(view.gm.get_submodule(node.target).parameters(recurse=False)) + \

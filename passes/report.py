@@ -28,6 +28,20 @@ class RegionRow:
 
 
 @dataclass
+class RuleRow:
+    """What one rule (patterns.rules) did in a run."""
+
+    name: str
+    enabled: bool = True
+    applied: int = 0  # regions fused, dynamic convs aggregated, channels removed, ops folded
+    detail: str = ""
+
+    def add(self, count: int, detail: str) -> None:
+        self.applied += count
+        self.detail = detail if not self.detail or count == 0 else f"{self.detail}; {detail}"
+
+
+@dataclass
 class FusionReport:
     before: GraphStats
     after: GraphStats
@@ -35,10 +49,11 @@ class FusionReport:
     declined: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
     note: str = ""  # e.g. why a graph was passed through unchanged
     file_bytes: tuple[int, int] | None = None  # model file sizes (ONNX), when known
+    rules: list[RuleRow] = field(default_factory=list)  # one row per rule, in patterns.rules order
 
     @property
     def changed(self) -> bool:
-        return bool(self.regions)
+        return bool(self.regions) or any(r.applied for r in self.rules)
 
     def to_dict(self) -> dict:
         def stats(s: GraphStats) -> dict:  # not asdict: it would rebuild the Counter from (key, count) pairs
@@ -47,7 +62,8 @@ class FusionReport:
         return {"before": stats(self.before), "after": stats(self.after),
                 "regions": [asdict(r) for r in self.regions],
                 "declined": [{"node": n, "reason": r} for n, r in self.declined],
-                "note": self.note, "file_bytes": list(self.file_bytes) if self.file_bytes else None}
+                "note": self.note, "file_bytes": list(self.file_bytes) if self.file_bytes else None,
+                "rules": [asdict(r) for r in self.rules]}
 
     def table(self, explain: bool = False) -> str:
         b, a = self.before, self.after
@@ -62,6 +78,11 @@ class FusionReport:
         for name, x, y in rows:
             ratio = f"{y / x:.2f}" if x else "-"
             lines.append(f"{name:{width}}  {x:>14,}  {y:>14,}  {ratio:>6}")
+        if self.rules:
+            lines.append("rules:")
+            for r in self.rules:
+                state = f"{r.applied:>5}" if r.enabled else "  off"
+                lines.append(f"  {r.name:<17}{state}  {r.detail}".rstrip())
         lines.append(f"regions fused: {len(self.regions)}")
         for r in self.regions:
             lines.append(f"  {r.root} <- {r.source}: {r.ops} ops ({r.kinds}) -> {r.fused}")

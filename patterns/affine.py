@@ -38,7 +38,7 @@ __all__ = [
     "AffineConv", "Declined",
     "conv", "linear", "per_channel", "batchnorm", "identity", "zero_pad",
     "avg_pool", "scale", "channel_vector", "elementwise",
-    "check_add", "add", "check_compose", "compose", "check_concat", "concat",
+    "check_add", "add", "align", "check_compose", "compose", "check_concat", "concat",
     "check_pad_with", "pad_with",
 ]
 
@@ -315,6 +315,14 @@ def _aligned(ops: Sequence[AffineConv], groups: int) -> tuple[list[np.ndarray], 
         big[tuple(index)] = w
         out.append(big)
     return out, tuple(pads), tuple(steps)
+
+
+def align(ops: Sequence[AffineConv]) -> list[AffineConv]:
+    """The same ops written on one geometry (kernel grid, pads, dilation, gcd of groups), so their
+    weights can be summed or stacked; `check_add` must hold pairwise."""
+    g = reduce(math.gcd, (op.groups for op in ops))
+    ws, pads, dil = _aligned(ops, g)
+    return [AffineConv(w, op.bias, op.stride, pads, dil, g) for w, op in zip(ws, ops)]
 
 
 def add(a: AffineConv, b: AffineConv) -> AffineConv:

@@ -61,6 +61,24 @@ class Concat:
     inputs: tuple[Key, ...]
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """value = scale * input, `scale` a per-sample scalar tensor ([N, 1, ...]) computed from data
+    (a dynamic conv's attention).  Not affine; `repfuse.patterns.dynamic` reads it."""
+
+    input: Key
+    scale: Key
+
+
+@dataclass(frozen=True, eq=False)
+class Pointwise:
+    """value = fn(input) element by element (ReLU, sigmoid, ...); `fn` maps a numpy array of
+    per-channel constants to theirs.  Not affine; `repfuse.patterns.channels` reads it."""
+
+    input: Key
+    fn: object  # Callable[[np.ndarray], np.ndarray]
+
+
 def padded(input: Key, channels: int, pads: A.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
     """Padding with a constant (scalar or per channel): zero padding is an affine op, anything else waits
     for the op before it to produce exactly that value on a zero input."""
@@ -75,7 +93,7 @@ def precision(eps: float) -> float:
     return max(1e-5, 4 * float(eps))
 
 
-Description = Affine | PadWith | Sum | Concat
+Description = Affine | PadWith | Sum | Concat | Scaled | Pointwise
 
 
 class GraphView(Protocol):
@@ -162,7 +180,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
         except Declined as e:
             declined[v] = str(e)
             continue
-        if d is None:
+        if d is None or isinstance(d, (Scaled, Pointwise)):
             continue
         try:
             region = _extend(view, v, d, input_map, merged)

@@ -37,8 +37,12 @@ class RuleRow:
     detail: str = ""
 
     def add(self, count: int, detail: str) -> None:
+        """Count another application; a later round that changed nothing keeps the earlier detail."""
         self.applied += count
-        self.detail = detail if not self.detail or count == 0 else f"{self.detail}; {detail}"
+        if not self.detail:
+            self.detail = detail
+        elif count:
+            self.detail = f"{self.detail}; {detail}"
 
 
 @dataclass

@@ -6,6 +6,7 @@ Nothing here uses repfuse: the zoo's deploy conversions are independent referenc
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,6 +61,26 @@ def fuse_conv_bn(weight: torch.Tensor, bias: torch.Tensor | None,
 def count_convs(module: nn.Module) -> int:
     """Number of nn.Conv2d and nn.Linear modules in `module`."""
     return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
+
+
+class _CountConvCalls(torch.overrides.TorchFunctionMode):
+    CONVS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.CONVS
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def count_conv_calls(module: nn.Module, x: torch.Tensor) -> int:
+    """Conv and linear ops one forward pass runs (for forms that compute weights on the fly)."""
+    with _CountConvCalls() as mode:
+        module(x)
+    return mode.calls
 
 
 class BasicBlock(nn.Module):

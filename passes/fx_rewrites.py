@@ -19,6 +19,7 @@ from torch import fx
 from ..patterns import rules as R
 from ..patterns.channels import ChannelPlan, plan_channels
 from ..patterns.dynamic import DynamicRegion, plan_dynamic
+from ..patterns.ghost import plan_ghost
 from . import fx as fxpass
 from .report import RuleRow
 
@@ -76,6 +77,7 @@ def run_rules(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None,
         ("affine", affine),
         ("dynamic_conv", lambda: aggregate_dynamic(view(), new_constant, run)),
         ("dead_channels", lambda: remove_dead_channels(view(), new_constant, run)),
+        ("ghost_concat", lambda: merge_ghost_concats(view(), new_constant, run)),
     ]
     for _ in range(max_rounds):
         changed = False
@@ -166,6 +168,34 @@ def _emit_dynamic(view: fxpass.FxView, region: DynamicRegion, new_constant, x: f
         y.meta["repfuse_samples"] = n
     fxpass._replace(graph, view, root, new, region.nodes)
     return new
+
+
+# ---------------------------------------------------------------- ghost_concat
+
+def merge_ghost_concats(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
+    rewrites, declined = plan_ghost(view)
+    run.declined += [(str(k), r) for k, r in declined.items()]
+    graph = view.graph
+    for g in rewrites:
+        like = fxpass.example_like(g.concat)
+        with graph.inserting_before(g.concat):
+            w = new_constant(fxpass.to_tensor(g.op.weight, like), g.concat)  # [2C, 1, *k]
+            b = new_constant(fxpass.to_tensor(g.op.bias, like), g.concat)
+            new = fxpass._emit_affine(graph, g.source, g.op, w, b)
+            if g.relu:
+                new = graph.call_function(torch.relu, (new,))
+        for consumer, op in g.consumers.items():
+            with graph.inserting_before(consumer):
+                cw = new_constant(fxpass.to_tensor(op.weight, like), consumer)  # [O, 2C, *k], inputs interleaved
+                cb = new_constant(fxpass.to_tensor(op.bias, like), consumer)
+                fxpass._replace(graph, view, consumer, fxpass._emit_affine(graph, new, op, cw, cb), (consumer,))
+        new.meta.update({k: v for k, v in g.concat.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        for n in reversed(g.nodes):
+            fxpass._erase(graph, n)
+    if rewrites:
+        run.signature.append(("ghost_concat", [str(g.concat) for g in rewrites]))
+        run.rules["ghost_concat"].add(len(rewrites), f"{len(rewrites)} concats -> depthwise convs")
+    return bool(rewrites)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import repfuse
 from repfuse.passes.fx import fuse_graph_module
 from repfuse.patterns.rules import enabled
 
-from rewrite_blocks import DeadChannels, DynamicConv, DynamicNet, ResidualDead, randomize_bn
+from rewrite_blocks import DeadChannels, DynamicConv, DynamicNet, Ghost, ResidualDead, randomize_bn
 
 warnings.filterwarnings("ignore")
 
@@ -176,3 +176,26 @@ def test_dynamic_conv_without_sum_to_one_attention():
 
     gm = deployed(Gated(), (3, 4, 8, 8))
     assert sum(n.target is torch.conv2d for n in gm.graph.nodes) == 1
+
+
+# ---------------------------------------------------------------- Ghost concat
+
+@pytest.mark.parametrize("enable", [False, True], ids=["default-off", "enabled"])
+def test_ghost_concat_fires_only_where_enabled(enable):
+    gm = deployed(Ghost(), (2, 8, 9, 9), enable=["ghost_concat"] if enable else [])
+    cats = sum(n.target is torch.cat for n in gm.graph.nodes)
+    assert cats == (0 if enable else 1)
+    assert rule(gm, "ghost_concat").applied == int(enable)
+    if enable:  # the cheap depthwise conv now has two outputs per channel
+        assert (12, 1, 3, 3) in conv_weights(gm)
+
+
+def test_ghost_concat_declines_a_relu_on_the_cheap_half_only():
+    class Signed(Ghost):
+        def forward(self, x):  # the intrinsic half has no ReLU: relu(G(y)) would clip it
+            y = self.primary(x)
+            return self.consumer(torch.cat([y, F.relu(self.cheap(y))], 1))
+
+    gm = deployed(Signed(), (2, 8, 9, 9), enable=["ghost_concat"])
+    assert sum(n.target is torch.cat for n in gm.graph.nodes) == 1
+    assert any("intrinsic half" in reason for _, reason in gm.meta["repfuse_report"].declined)

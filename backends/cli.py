@@ -20,13 +20,18 @@ examples:
   repfuse optimize big.onnx -o out.onnx --external-data     # weights in out.onnx.data
   repfuse optimize model.onnx --in-place --no-simplify
   repfuse compile model.onnx -o model.so --target llvm --check   # TVM library
+  repfuse optimize model.onnx -o out.onnx --disable dead_channels,dynamic_conv
+  repfuse optimize --list-rules
 
 what it does:
-  onnxsim (constant folding, shape inference), then every region of Conv,
-  BatchNormalization, Gemm/MatMul, per-channel Add/Sub/Mul/Div, Pad,
-  AveragePool (count_include_pad), Identity and channel Concat that reads one
-  tensor is folded into one Conv or Gemm, when that is exact and not more
-  expensive.  Everything else (custom domains, Q/DQ regions) is left as it is.
+  onnxsim (constant folding, shape inference), then the rules in order (see
+  --list-rules): constant_folding (parameter-only computations such as weight
+  slicing), affine (every region of Conv, BatchNormalization, Gemm/MatMul,
+  per-channel Add/Sub/Mul/Div, Pad, AveragePool (count_include_pad), Identity
+  and channel Concat that reads one tensor becomes one Conv or Gemm, when that
+  is exact and not more expensive), dynamic_conv (sum_k pi_k * conv_k -> one
+  conv with per-sample kernels) and dead_channels (constant channels removed).
+  Everything else (custom domains, Q/DQ regions) is left as it is.
 
 exit codes: 0 done, 1 --check found different outputs, 2 bad input.
 """
@@ -58,6 +63,28 @@ class Progress:
         self._last = tenth
 
 
+def _names(values: list[str]) -> list[str]:
+    """['a,b', 'c'] -> ['a', 'b', 'c'] (repeatable, comma-separated options)."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def _add_rule_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disable", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="switch rules off (repeatable; see --list-rules)")
+    p.add_argument("--enable", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="switch rules on, e.g. ghost_concat, which is off by default (repeatable)")
+    p.add_argument("--list-rules", action="store_true", help="print the rules, their order and defaults, and exit")
+
+
+def rules_table() -> str:
+    from ..patterns.rules import RULES
+
+    width = max(len(r.name) for r in RULES)
+    lines = [f"{'rule':<{width}}  default  what it does (run in this order)"]
+    lines += [f"{r.name:<{width}}  {'on' if r.default else 'off':<7}  {r.summary}" for r in RULES]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repfuse", description="Fold training-form branches into deployment graphs, exactly.",
@@ -65,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     opt = sub.add_parser("optimize", help="optimize an ONNX file", epilog=EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Fuse every exactly-fusable region of an ONNX model into one Conv or Gemm.")
-    opt.add_argument("input", metavar="IN", help="the ONNX model to optimize (never modified unless --in-place)")
+                         description="Rewrite an ONNX model exactly: fold parameter-only computations, fuse "
+                                     "affine regions into one Conv or Gemm, aggregate dynamic convs and remove "
+                                     "constant channels (see --list-rules).")
+    opt.add_argument("input", metavar="IN", nargs="?",
+                     help="the ONNX model to optimize (never modified unless --in-place)")
     opt.add_argument("-o", "--output", metavar="OUT", help="where to write the optimized model")
     opt.add_argument("--in-place", action="store_true", help="overwrite IN (only with this flag)")
     opt.add_argument("--check", action="store_true",
@@ -79,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store weights in OUT.data beside OUT (automatic above 2 GB)")
     opt.add_argument("--explain", action="store_true", help="list every op left alone, with the reason")
     opt.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
+    _add_rule_options(opt)
 
     comp = sub.add_parser("compile", help="optimize an ONNX file and build it into a TVM library",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "'repfuse' Relax pipeline; writes a shared library for the Relax VM.",
                           epilog="example:\n  repfuse compile model.onnx -o model.so --target llvm --check\n"
                                  "load it with tvm.runtime.load_module and run with tvm.relax.VirtualMachine.")
-    comp.add_argument("input", metavar="IN", help="the ONNX model")
-    comp.add_argument("-o", "--output", metavar="OUT.so", required=True, help="where to write the library")
+    comp.add_argument("input", metavar="IN", nargs="?", help="the ONNX model")
+    comp.add_argument("-o", "--output", metavar="OUT.so", help="where to write the library (required)")
     comp.add_argument("--target", default="llvm", help="TVM target (default: llvm)")
     comp.add_argument("--check", action="store_true",
                       help="run IN in onnxruntime and OUT in TVM on random inputs; exit 1 if outputs differ")
@@ -95,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="input size for --check (repeatable)")
     comp.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     comp.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
+    _add_rule_options(comp)
     return parser
 
 
@@ -103,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command not in ("optimize", "compile"):
         parser.print_help()
+        return 2
+    if args.list_rules:
+        print(rules_table())
+        return 0
+    if args.input is None:  # IN is optional only so that --list-rules needs none
+        print(f"repfuse {args.command}: error: give the input model IN (or --list-rules)", file=sys.stderr)
+        return 2
+    if args.command == "compile" and not args.output:
+        print("repfuse compile: error: give -o OUT.so", file=sys.stderr)
+        return 2
+    try:
+        from ..patterns.rules import enabled
+
+        args.rules = enabled(_names(args.disable), _names(args.enable))
+    except ValueError as e:
+        print(f"repfuse: error: {e}", file=sys.stderr)
         return 2
     try:
         return _optimize(args) if args.command == "optimize" else _compile(args)
@@ -158,7 +206,8 @@ def _optimize(args) -> int:
     if nodes >= 2000 and not args.quiet:
         progress.enabled = True  # large models get stage lines even when stderr is a file
     progress.stage(f"{nodes} nodes; optimizing" + ("" if args.no_simplify else " (onnxsim first)"))
-    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, warn=warn, progress=progress)
+    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, warn=warn, progress=progress,
+                                      rules=args.rules)
     progress.stage(f"writing {target}")
 
     if args.check and args.in_place:  # keep the original to compare against
@@ -217,7 +266,7 @@ def _compile(args) -> int:
     shapes = pipeline.parse_input_shapes(args.input_shape)
     pipeline.check_writable(target)
     model = pipeline.load(source)
-    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify,
+    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, rules=args.rules,
                                       warn=lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     try:

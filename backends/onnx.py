@@ -21,7 +21,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..passes import onnx as onnxpass
+from ..passes import onnx_rewrites
 from ..passes.report import FusionReport
+from ..patterns import rules as R
 
 __all__ = ["InputError", "load", "optimize", "optimize_onnx", "save", "compare_outputs", "MIN_OPSET"]
 
@@ -146,11 +148,22 @@ def _proto_stats(proto: onnx.ModelProto):
     return stats
 
 
+def rule_set(disable=(), enable=()) -> frozenset[str]:
+    """The rules to run (patterns.rules names); an unknown name is the user's mistake: InputError."""
+    try:
+        return R.enabled(disable, enable)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> tuple[ir.Model, FusionReport]:
+             progress: Callable[[str, int, int], None] | None = None,
+             rules: frozenset[str] | None = None) -> tuple[ir.Model, FusionReport]:
     """Run the pipeline on a loaded model (ModelProto or onnx_ir Model); returns the optimized
-    onnx_ir Model and its report.  Nothing is checked or written yet: see `to_proto` and `save`."""
+    onnx_ir Model and its report.  `rules`: the patterns.rules names to run (default: those on
+    by default).  Nothing is checked or written yet: see `to_proto` and `save`."""
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    rules = R.enabled() if rules is None else frozenset(rules)
     check_opset(model)
     if isinstance(model, ir.Model):
         if _tensor_bytes(model) <= _SIMPLIFY_LIMIT:
@@ -164,12 +177,12 @@ def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] 
         before.macs = onnxpass.graph_stats(model).macs  # simplification leaves convs and their shapes alone
     else:
         before = onnxpass.graph_stats(model)
-    rows, declined = onnxpass.fuse_model(
-        model, progress=(lambda i, n: progress("fusing", i, n)) if progress else None)
+    run = onnx_rewrites.run_rules(model, rules, progress=(lambda i, n: progress("fusing", i, n)) if progress else None)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
     after = onnxpass.graph_stats(model)
-    return model, FusionReport(before, after, rows, sorted(declined.items()))
+    return model, FusionReport(before, after, run.regions, sorted(run.declined.items()),
+                               rules=list(run.rules.values()))
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -179,12 +192,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def optimize_onnx(model_or_path, simplify: bool = True) -> onnx.ModelProto:
+def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=()) -> onnx.ModelProto:
     """Optimize an ONNX model (ModelProto, onnx_ir Model or path); returns a new ModelProto.
 
-    The input is never modified.  Models over 2 GB cannot be returned as one
-    ModelProto: use the CLI or `optimize` + `save` for those.
+    `disable` / `enable`: rule names (repfuse.patterns.rules.RULES) to switch off or on; an
+    unknown name raises InputError.  The input is never modified.  Models over 2 GB cannot be
+    returned as one ModelProto: use the CLI or `optimize` + `save` for those.
     """
+    rules = rule_set(disable, enable)
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
@@ -193,7 +208,7 @@ def optimize_onnx(model_or_path, simplify: bool = True) -> onnx.ModelProto:
         model = ir.serde.serialize_model(model_or_path)
     else:
         raise TypeError(f"optimize_onnx takes a path, onnx.ModelProto or onnx_ir.Model, not {type(model_or_path)}")
-    model, report = optimize(model, simplify_first=simplify)
+    model, report = optimize(model, simplify_first=simplify, rules=rules)
     proto = to_proto(model)
     proto.metadata_props.add(key="repfuse.regions_fused", value=str(len(report.regions)))
     return proto

@@ -18,7 +18,9 @@ import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Region, Sum, padded, plan, precision
+from ..patterns.channels import ACTIVATIONS, clip
+from ..patterns.planner import (Affine, Concat, PadWith, Plan, Pointwise, Region, Scaled, Sum, padded, plan,
+                                precision)
 from .report import GraphStats, RegionRow, describe_op
 
 __all__ = ["OnnxView", "fuse_model", "graph_stats"]
@@ -43,6 +45,90 @@ def _dims(value: ir.Value) -> list | None:
     return [d if isinstance(d, int) else None for d in shape]
 
 
+# ops whose output's dim 0 is their first input's (shape-preserving, or reducing only later dims)
+_KEEPS_BATCH = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softmax",
+                "LogSoftmax", "Identity", "Dropout", "Cast", "BatchNormalization", "Conv", "ConvTranspose",
+                "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization",
+                "LayerNormalization", "Neg", "Abs", "Exp", "Sqrt", "Erf", "Elu", "Selu", "Softplus", "Gelu"}
+_BROADCAST = {"Add", "Sub", "Mul", "Div"}
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"}
+
+
+def _axes(node: ir.Node, index: int) -> list[int] | None:
+    """Axes from the `axes` attribute or, in newer opsets, input `index` (constant); None if unknown."""
+    if "axes" in node.attributes:
+        return list(node.attributes.get_ints("axes"))
+    v = node.inputs[index] if index < len(node.inputs) else None
+    c = None if v is None else const_array(v)
+    return None if c is None else [int(a) for a in c.reshape(-1)]
+
+
+def _carried_batch(node: ir.Node, key):
+    """The batch key of `node`'s first output when it is provably its input's dim 0, else None."""
+    op, ins = node.op_type, node.inputs
+    if node.domain not in ("", "ai.onnx") or not ins or ins[0] is None:
+        return None
+    x = ins[0]
+    xd, od = _dims(x), _dims(node.outputs[0])
+    a = node.attributes
+    if op in _KEEPS_BATCH:
+        return key(x)
+    if op == "Gemm":
+        return None if a.get_int("transA", 0) else key(x)
+    if op == "MatMul":
+        w = ins[1]
+        return key(x) if xd is not None and len(xd) >= 2 and w is not None and w.shape is not None \
+            and len(w.shape) == 2 else None
+    if op == "Flatten":
+        return key(x) if a.get_int("axis", 1) != 0 else None
+    if op in _REDUCE or op in ("Squeeze", "Gather", "Transpose", "Unsqueeze", "Concat"):
+        if xd is None or od is None:
+            return None
+        if op in _REDUCE:
+            axes = _axes(node, 1)
+            ok = bool(axes) and all(ax % len(xd) != 0 for ax in axes)
+        elif op == "Squeeze":
+            axes = _axes(node, 1)
+            ok = bool(axes) and all(ax % len(xd) != 0 for ax in axes)
+        elif op == "Unsqueeze":
+            axes = _axes(node, 1)
+            ok = axes is not None and all(ax % len(od) != 0 for ax in axes)
+        elif op == "Gather":
+            ok = a.get_int("axis", 0) % len(xd) != 0
+        elif op == "Transpose":
+            ok = list(a.get_ints("perm", range(len(xd))[::-1]))[:1] == [0]
+        else:  # Concat: every input carries the same batch
+            ok = a.get_int("axis", 0) % len(xd) != 0 and len({key(v) for v in ins if v is not None}) == 1
+        return key(x) if ok else None
+    if op == "Reshape":
+        shape = const_array(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+        if shape is None or shape.size == 0 or xd is None or a.get_int("allowzero", 0):
+            return None
+        shape = [int(d) for d in shape.reshape(-1)]
+        if shape[0] == 0:
+            return key(x)  # 0 copies the input's dim
+        if shape[0] != -1 or None in xd[1:]:
+            return None
+        rest = [xd[i] if d == 0 and i < len(xd) else d for i, d in enumerate(shape)][1:]
+        if any(d <= 0 for d in rest):
+            return None
+        # x is [N, static...]: the -1 is N exactly when the other dims hold all of x's static elements
+        return key(x) if int(np.prod(xd[1:], dtype=np.int64)) == int(np.prod(rest, dtype=np.int64)) else None
+    if op in _BROADCAST and len(ins) == 2 and od is not None:
+        keys = []
+        for v in ins:
+            vd = _dims(v) if v is not None else None
+            if vd is None:
+                return None
+            if len(vd) < len(od):
+                continue  # broadcast from the right: does not reach dim 0
+            if vd[0] == 1 and (od[0] is None or od[0] != 1):
+                continue  # a size-1 batch broadcasts
+            keys.append(key(v))
+        return keys[0] if keys and all(k == keys[0] for k in keys) else None
+    return None
+
+
 class OnnxView:
     """The planner's view of an onnx_ir graph; one planner key per single-output node value."""
 
@@ -50,6 +136,7 @@ class OnnxView:
         self.graph = graph
         self.attached: dict[ir.Value, list[ir.Node]] = {}  # value -> extra nodes removed with it
         self._values = [n.outputs[0] for n in graph if n.outputs and n.outputs[0] is not None]
+        self._batch: dict[ir.Value, object] | None = None  # value -> key of its batch dim (see batch_key)
 
     # -- GraphView protocol
     def values(self):
@@ -65,6 +152,47 @@ class OnnxView:
         if value.dtype is not None and not value.dtype.is_floating_point():
             return None
         return dims[1], len(dims) - 2
+
+    def readers(self, value: ir.Value):
+        """The values of the nodes reading `value` (patterns.channels); None when a graph output, a
+        subgraph or a node with several used outputs reads it."""
+        if value.is_graph_output():
+            return None
+        out = []
+        for use in value.uses():
+            node = use.node
+            if node.graph is not self.graph or not node.outputs or node.outputs[0] is None:
+                return None
+            if any(o is not None and (o.uses() or o.is_graph_output()) for o in node.outputs[1:]):
+                return None
+            out.append(node.outputs[0])
+        return out
+
+    def batch_key(self, value: ir.Value):
+        """A key equal for two values exactly when their batch dims are provably equal: the static
+        size, or the symbol of the tensor it was carried from.  Shape inference names the batch of
+        `Reshape(pi_k, [-1, 1, 1, 1])` afresh (unk__0), so symbols alone cannot tell a dynamic conv's
+        attention from any other tensor; this follows dim 0 through ops that keep it."""
+        if self._batch is None:
+            self._batch = {}
+            for node in self.graph:
+                if node.outputs and node.outputs[0] is not None:
+                    key = _carried_batch(node, self._batch_own)
+                    if key is not None:
+                        self._batch[node.outputs[0]] = key
+        key = self._batch.get(value)
+        return key if key is not None else self._batch_own(value)
+
+    def _batch_own(self, value: ir.Value):
+        if self._batch is not None and value in self._batch:
+            return self._batch[value]
+        shape = value.shape
+        if shape is None or len(shape) == 0:
+            return ("value", id(value))  # unknown: equal only to itself
+        d = shape[0]
+        if isinstance(d, int):
+            return d
+        return ("symbol", d.value) if getattr(d, "value", None) is not None else ("value", id(value))
 
     def describe(self, value: ir.Value):
         node = value.producer()
@@ -189,7 +317,58 @@ class OnnxView:
         return self._elementwise(node, "sub")
 
     def _Mul(self, node):
+        if node.inputs[0] is not node.inputs[1] and all(
+                v is not None and const_array(v) is None for v in node.inputs[:2]):
+            return self._scaled(node)
         return self._elementwise(node, "mul")
+
+    def _scaled(self, node):
+        """x * s with s a per-sample scalar [N, 1, ...] computed from data (a dynamic conv's attention)."""
+        a, b = node.inputs[0], node.inputs[1]
+        for x, s in ((a, b), (b, a)):
+            xd, sd = _dims(x), _dims(s)
+            if xd is None or sd is None or len(xd) != len(sd) or len(xd) < 2 or any(d != 1 for d in sd[1:]):
+                continue
+            if self.channels_and_rank(x) is not None and self.batch_key(s) == self.batch_key(x):
+                return Scaled(x, s)
+        return None
+
+    # -- activations (patterns.channels carries per-channel constants through them)
+    def _pointwise(self, node, fn):
+        return Pointwise(self._input(node), fn)
+
+    def _Relu(self, node):
+        return self._pointwise(node, ACTIVATIONS["relu"])
+
+    def _Sigmoid(self, node):
+        return self._pointwise(node, ACTIVATIONS["sigmoid"])
+
+    def _Tanh(self, node):
+        return self._pointwise(node, ACTIVATIONS["tanh"])
+
+    def _HardSwish(self, node):
+        return self._pointwise(node, ACTIVATIONS["hardswish"])
+
+    def _HardSigmoid(self, node):
+        a = node.attributes
+        alpha, beta = a.get_float("alpha", 0.2), a.get_float("beta", 0.5)
+        if not (np.isclose(alpha, 1 / 6, rtol=1e-6) and beta == 0.5):
+            return None  # torch's hardsigmoid only: the form patterns.channels names
+        return self._pointwise(node, ACTIVATIONS["hardsigmoid"])
+
+    def _Clip(self, node):
+        if "min" in node.attributes or "max" in node.attributes:  # opset < 11
+            low, high = node.attributes.get_float("min", None), node.attributes.get_float("max", None)
+        else:
+            bounds = []
+            for i in (1, 2):
+                v = node.inputs[i] if i < len(node.inputs) else None
+                c = None if v is None else const_array(v)
+                if v is not None and c is None:
+                    return None  # data-dependent bounds
+                bounds.append(None if c is None else float(c.reshape(())))
+            low, high = bounds
+        return self._pointwise(node, clip(low, high))
 
     def _Div(self, node):
         return self._elementwise(node, "div")
@@ -431,13 +610,19 @@ def graph_stats(model: ir.Model) -> GraphStats:
         stats.ops[node.op_type] += 1
         if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
             w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            if w is None:
+            size = None if w is None else int(w.size)
+            if w is None and node.op_type == "Conv" and "repfuse.samples" in node.metadata_props:
+                # a dynamic conv's per-sample kernels ([N*O, I/g, *k], the batch as groups): count one sample
+                dims = _dims(node.inputs[1])
+                if dims and None not in dims:
+                    size = int(np.prod(dims, dtype=np.int64)) // int(node.metadata_props["repfuse.samples"])
+            if size is None:
                 continue
             stats.convs += 1
             out = _dims(node.outputs[0])
             if out and None not in out[2 if node.op_type.startswith("Conv") else 1:]:
                 positions = int(np.prod(out[2:], dtype=np.int64)) if node.op_type.startswith("Conv") else 1
-                stats.macs += positions * int(w.size)
+                stats.macs += positions * size
     stats.params = sum(int(v.const_value.size) for v in model.graph.initializers.values()
                        if v.const_value is not None and v.dtype is not None and v.dtype.is_floating_point())
     return stats

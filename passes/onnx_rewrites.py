@@ -20,6 +20,7 @@ from ..patterns import rules as R
 from ..patterns.affine import AffineConv
 from ..patterns.channels import ChannelPlan, plan_channels
 from ..patterns.dynamic import DynamicRegion, plan_dynamic
+from ..patterns.ghost import plan_ghost
 from . import onnx as onnxpass
 from .onnx import OnnxView, const_array
 from .report import RegionRow, RuleRow
@@ -60,9 +61,8 @@ def run_rules(model: ir.Model, rules: frozenset[str] = R.enabled(), max_rounds: 
         ("affine", affine),
         ("dynamic_conv", lambda: aggregate_dynamic(OnnxView(graph), Names(graph), run)),
         ("dead_channels", lambda: remove_dead_channels(OnnxView(graph), Names(graph), run)),
+        ("ghost_concat", lambda: merge_ghost_concats(OnnxView(graph), Names(graph), run)),
     ]
-    if "ghost_concat" in rules:
-        run.rules["ghost_concat"].detail = "not written for ONNX yet: left as it is"
     for _ in range(max_rounds):
         changed = False
         for name, step in steps:
@@ -411,6 +411,26 @@ def remove_dead_channels(view: OnnxView, names: Names, run: OnnxRun) -> bool:
     text = f"{channel_plan.removed} channels removed"
     run.rules["dead_channels"].add(channel_plan.removed, text + (f"; {kept}" if kept else ""))
     return True
+
+
+# ---------------------------------------------------------------- ghost_concat
+
+def merge_ghost_concats(view: OnnxView, names: Names, run: OnnxRun) -> bool:
+    rewrites, declined = plan_ghost(view)
+    run.declined.update({onnxpass._label(k): r for k, r in declined.items()})
+    graph = view.graph
+    for g in rewrites:
+        out = _emit_affine(graph, g.concat, g.source, g.op, names)  # [N, 2C, ...], channels interleaved
+        if g.relu:
+            relu = ir.node("Relu", [out], name=names("ghost.repfuse.Relu"))
+            relu.outputs[0].name, relu.outputs[0].type, relu.outputs[0].shape = names("ghost.relu"), out.type, out.shape
+            graph.insert_before(g.concat.producer(), relu)
+            out = relu.outputs[0]
+        for consumer, op in g.consumers.items():
+            _replace(graph, consumer, _emit_affine(graph, consumer, out, op, names), [consumer.producer()], names)
+    if rewrites:
+        run.rules["ghost_concat"].add(len(rewrites), f"{len(rewrites)} concats -> depthwise convs")
+    return bool(rewrites)
 
 
 def _emit_affine(graph: ir.Graph, old: ir.Value, x: ir.Value, op: AffineConv, names: Names) -> ir.Value:

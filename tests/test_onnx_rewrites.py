@@ -251,3 +251,16 @@ def test_qdq_weights_pass_through_and_plain_slices_fold():
     for a, b in zip(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x}),
                     ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})):
         close(b, a)
+
+
+# ---------------------------------------------------------------- Ghost concat
+
+@pytest.mark.parametrize("enable", [False, True], ids=["default-off", "enabled"])
+def test_ghost_concat_fires_only_where_enabled(enable, tmp_path):
+    model = RB.Ghost()
+    x = torch.randn(2, 8, 9, 9)
+    src = export(model, x, tmp_path / "in.onnx")
+    proto = repfuse.optimize_onnx(str(src), enable=["ghost_concat"] if enable else [])
+    check_numbers(model, src, proto, x)
+    assert sum(n.op_type == "Concat" for n in proto.graph.node) == (0 if enable else 1)
+    assert ((12, 1, 3, 3) in weight_shapes(proto)) == enable  # two outputs per channel

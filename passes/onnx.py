@@ -616,9 +616,12 @@ def graph_stats(model: ir.Model) -> GraphStats:
                 dims = _dims(node.inputs[1])
                 if dims and None not in dims:
                     size = int(np.prod(dims, dtype=np.int64)) // int(node.metadata_props["repfuse.samples"])
+            if node.op_type != "MatMul":  # a Conv / Gemm whose weight is computed (unfolded slices) still counts
+                stats.convs += 1
             if size is None:
                 continue
-            stats.convs += 1
+            if node.op_type == "MatMul":
+                stats.convs += 1
             out = _dims(node.outputs[0])
             if out and None not in out[2 if node.op_type.startswith("Conv") else 1:]:
                 positions = int(np.prod(out[2:], dtype=np.int64)) if node.op_type.startswith("Conv") else 1

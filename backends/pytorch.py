@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from operator import attrgetter, is_, itemgetter
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from torch import fx, nn
 
 from ..passes import fx as fxpass
 from ..passes.report import FusionReport
-from ..patterns.planner import Plan
+from ..passes.fx_rewrites import run_rules
 
 log = logging.getLogger("repfuse")
 
@@ -37,20 +38,25 @@ class TraceError(RuntimeError):
 
 # ---------------------------------------------------------------- deploy
 
-def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False) -> fx.GraphModule:
+def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disable: Sequence[str] = (),
+           enable: Sequence[str] = ()) -> fx.GraphModule:
     """The fused, inference-only form of `model` as a torch.fx.GraphModule.
 
     The model is not modified (a copy is traced in eval mode).  The report is
     at `result.meta["repfuse_report"]`; `explain=True` logs it, with the
-    reason for every op that was left alone.
+    reason for every op that was left alone.  `disable` / `enable` switch
+    rules by name (`repfuse.patterns.rules.RULES`; e.g. disable=["dead_channels"]).
     """
+    from ..patterns.rules import enabled
+
+    rules = enabled(disable, enable)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     module = copy.deepcopy(model).eval()
     with torch.no_grad():
         gm = _capture(module, example_inputs)
-        report = fxpass.fuse_graph_module(gm)
+        report = fxpass.fuse_graph_module(gm, rules=rules)
     gm.meta["repfuse_report"] = report
     if explain:
         log.warning("repfuse.deploy:\n%s", report.table(explain=True))
@@ -93,20 +99,25 @@ def compiled_graphs() -> list["FusedGraph"]:
 
 
 def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None):
-    """torch.compile backend.  options: {"inner": "inductor" | "eager" | callable, "explain": bool}."""
+    """torch.compile backend.  options: {"inner": "inductor" | "eager" | "tvm" | callable, "explain": bool,
+    "disable": [rule names], "enable": [rule names]} (rules: repfuse.patterns.rules.RULES)."""
+    from ..patterns.rules import enabled
+
     options = dict(options or {})
     inner = _inner_compiler(options.pop("inner", "inductor"))
     explain = bool(options.pop("explain", False))
+    rules = enabled(options.pop("disable", ()), options.pop("enable", ()))
     if options:
-        raise ValueError(f"repfuse backend: unknown options {sorted(options)} (known: inner, explain)")
+        raise ValueError(f"repfuse backend: unknown options {sorted(options)} "
+                         "(known: inner, explain, disable, enable)")
     reason = _not_inference(gm, example_inputs)
     if reason:
         log.info("repfuse: graph passed through unchanged: %s", reason)
         return inner(gm, example_inputs)
-    fused = FusedGraph(gm, list(example_inputs), inner)
+    fused = FusedGraph(gm, list(example_inputs), inner, rules)
     if explain:
         log.warning("repfuse backend:\n%s", fused.report.table(explain=True))
-    if not fused.plan.regions:
+    if not fused.changed:
         return inner(gm, example_inputs)
     _COMPILED.add(fused)
     return fused
@@ -173,12 +184,22 @@ def _static_examples(tensors: list[torch.Tensor]) -> list:
 
 
 class FusedGraph:
-    """The callable handed back to dynamo: prologue (cached fused weights) + inner-compiled fused graph."""
+    """The callable handed back to dynamo: prologue (cached fused weights) + inner-compiled fused graph.
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, inner: Callable):
-        self.original = gm  # never modified: re-planned when parameters change
+    The rules (`passes.fx_rewrites.run_rules`) rewrite a copy of dynamo's graph; every
+    constant they create (fused weights, folded slices, aggregated kernels) becomes a new
+    placeholder that the prologue fills.  The inner graph takes only the outer arguments
+    the fused graph still reads (`_kept`), then those constants.  The prologue watches only
+    the parameters some rewritten node read (`_watched`): every other parameter is read
+    live by the fused graph.  When a watched parameter is replaced or edited in place, the
+    rules run again on a fresh copy; if the new weights change the rewrite (its signature),
+    the unfused graph runs instead.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, inner: Callable, rules: frozenset[str]):
+        self.original = gm  # never modified: rewritten again when parameters change
         self.inner = inner
-        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.rules = rules
         self.param_index = _parameter_inputs(gm, example_inputs)
         self.recomputes = 0
         self._fallback: Callable | None = None
@@ -186,76 +207,115 @@ class FusedGraph:
 
         params = [example_inputs[i] for i in self.param_index]
         with torch.no_grad():
-            self.plan, view = self._plan(params)
-            before = fxpass.graph_stats(view)
-            rows = fxpass.region_rows(view, self.plan)
-            if not self.plan.regions:
-                self.report = FusionReport(before, before, [], [(str(k), v) for k, v in self.plan.declined.items()])
+            work, run = self._rewrite(params)
+            before = fxpass.graph_stats(fxpass.FxView(gm, self._constants(gm, params)))
+            self.run = run
+            if not run.changed:
+                self.report = FusionReport(before, before, [], run.declined, rules=list(run.rules.values()))
                 return
-            self.graph_module, tensors = self._build(gm, params)
-            after = fxpass.graph_stats(fxpass.FxView(self.graph_module, self._constants(self.graph_module, params)))
-        self.report = FusionReport(before, after, rows, [(str(k), v) for k, v in self.plan.declined.items()])
-        self._signature = self.plan.signature()
-        self._remember(params, tensors)
-        self.compiled = inner(self.graph_module, list(example_inputs) + _static_examples(tensors))
+            after = fxpass.graph_stats(fxpass.FxView(work, self._constants(work, params, run.created)))
+            watched = self._rewritten_params(gm, work)
+            kept = self._drop_unused_inputs(work, example_inputs)
+            # constants a later round folded again are read by nothing: neither passed nor recomputed
+            self._created = [n.name for n in work.graph.nodes if n.op == "placeholder" and n.name in run.created]
+        self.graph_module = work
+        self.report = FusionReport(before, after, run.regions, run.declined, rules=list(run.rules.values()))
+        self._signature = run.signature
+        self._watched = _getter(watched)
+        self._kept = _getter(kept)
+        tensors = [run.created[name] for name in self._created]
+        self._remember(self._watched(example_inputs), tensors)
+        self.compiled = inner(work, [example_inputs[i] for i in kept] + _static_examples(tensors))
 
-    # -- planning
-    def _constants(self, gm: fx.GraphModule, params: list) -> dict[fx.Node, torch.Tensor]:
+    @property
+    def changed(self) -> bool:
+        return self.run.changed
+
+    # -- rewriting
+    def _constants(self, gm: fx.GraphModule, params: list, created: dict | None = None) -> dict:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        return {placeholders[i]: t for i, t in zip(self.param_index, params)}
+        constants = {placeholders[i]: t for i, t in zip(self.param_index, params)}
+        if created:
+            constants.update({n: created[n.name] for n in placeholders if n.name in created})
+        return constants
 
-    def _plan(self, params: list) -> tuple[Plan, fxpass.FxView]:
-        return fxpass.fuse(self.original, self._constants(self.original, params))
-
-    def _build(self, gm: fx.GraphModule, params: list):
-        work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        work_plan, view = fxpass.fuse(work, self._constants(work, params))
+    def _rewrite(self, params: list):
+        """Run the rules on a copy of the original graph; new constants become trailing placeholders."""
+        work = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
+        graph = work.graph
+        last = ([n for n in graph.nodes if n.op == "placeholder"] or [None])[-1]  # placeholders are never erased
 
         def constant_node(name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-            first_op = next(n for n in work.graph.nodes if n.op != "placeholder")
-            with work.graph.inserting_before(first_op):
-                node = work.graph.placeholder(name)
-            node.meta["example_value"] = tensor
-            return node
+            nonlocal last
+            where = graph.inserting_after(last) if last is not None else graph.inserting_before(next(iter(graph.nodes)))
+            with where:
+                last = graph.placeholder(name)
+            last.meta["example_value"] = tensor
+            return last
 
-        tensors = fxpass.apply_plan(view, work_plan, constant_node, fxpass.example_like)
+        return work, run_rules(work, self._constants(work, params), constant_node, self.rules)
+
+    def _rewritten_params(self, original: fx.GraphModule, work: fx.GraphModule) -> list[int]:
+        """Argument positions of the parameters that a node the rules removed used to read."""
+        alive = {n.name for n in work.graph.nodes}
+        placeholders = [n for n in original.graph.nodes if n.op == "placeholder"]
+        return [i for i in self.param_index if any(u.name not in alive for u in placeholders[i].users)]
+
+    @staticmethod
+    def _drop_unused_inputs(work: fx.GraphModule, example_inputs: list) -> list[int]:
+        """Erase the outer-argument placeholders nothing reads any more; the positions kept."""
+        placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
+        kept = []
+        for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+            if node.users or not isinstance(value, torch.Tensor):
+                kept.append(i)  # symbolic sizes stay: the inner compiler may bind them
+            else:
+                work.graph.erase_node(node)
+        for node in placeholders[len(example_inputs):]:  # the rules' own constants
+            if not node.users:
+                work.graph.erase_node(node)
         work.graph.lint()
         work.recompile()
-        return work, list(tensors.values())
+        return kept
 
     # -- prologue
-    def _remember(self, params: list, tensors: list) -> None:
-        self._params = list(params)
-        self._versions = [p._version for p in params]
+    def _remember(self, watched: tuple, tensors: list) -> None:
+        self._params = watched
+        self._versions = [p._version for p in watched]
         self._tensors = tensors
 
-    def _fresh(self, params: Sequence[torch.Tensor]) -> bool:
-        return len(params) == len(self._params) and all(
-            p is q and p._version == v for p, q, v in zip(params, self._params, self._versions))
-
-    def _refresh(self, params: list) -> None:
+    def _refresh(self, args: tuple) -> None:
         self.recomputes += 1
         with torch.no_grad():
-            new_plan, _ = self._plan(params)
-            if new_plan.signature() != self._signature:
-                log.warning("repfuse: new weights change what can be fused exactly; running the unfused graph")
-                self._use_fallback = True
-                self._remember(params, [])
-                return
-            like = self._tensors
-            tensors = []
-            for i, region in enumerate(new_plan.regions):
-                w, b = fxpass.fused_tensors(region, like[2 * i])
-                tensors += [w, b]
+            _, run = self._rewrite([args[i] for i in self.param_index])
+        if run.signature != self._signature:
+            log.warning("repfuse: new weights change what can be rewritten exactly; running the unfused graph")
+            self._use_fallback = True
+            self._remember(self._watched(args), [])
+            return
         self._use_fallback = False
-        self._remember(params, tensors)
+        self._remember(self._watched(args), [run.created[name] for name in self._created])
 
     def __call__(self, *args):
-        params = [args[i] for i in self.param_index]
-        if not self._fresh(params):
-            self._refresh(params)
+        watched = self._watched(args)
+        # identity first (a replaced tensor), then in-place edits; both C-level loops
+        if not all(map(is_, watched, self._params)) or list(map(_version, watched)) != self._versions:
+            self._refresh(args)
         if self._use_fallback:
             if self._fallback is None:
                 self._fallback = self.inner(self.original, list(args))
             return self._fallback(*args)
-        return self.compiled(*args, *self._tensors)
+        return self.compiled(*self._kept(args), *self._tensors)
+
+
+_version = attrgetter("_version")
+
+
+def _getter(positions: list[int]) -> Callable[[Sequence], tuple]:
+    """A fast `lambda args: tuple(args[i] for i in positions)`."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    if positions:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return lambda args: ()

@@ -112,8 +112,59 @@ def test_fused_weights_are_cached_until_a_parameter_changes():
         assert graph.recomputes == start
         model.one[1].bias.add_(0.5)
         assert_close(f(x), model(x))
-        assert graph.recomputes == start + 1
+        assert graph.recomputes == start + 1 and not graph._use_fallback  # same plan: still the fused graph
         f(x)
+        assert graph.recomputes == start + 1
+
+
+class ConvBNThenConv(torch.nn.Module):
+    """conv-BN (fused) -> relu -> plain conv (nothing to fuse: its weight stays a graph input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = B.conv_bn(4, 8, 3, 1, 1)
+        self.second = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.second(F.relu(self.first(x)))
+
+
+def placeholders(gm):
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+@pytest.mark.parametrize("make", [B.TinyRepNet, B.SharedWeight, ConvBNThenConv])
+def test_inner_graph_takes_only_the_inputs_it_reads(make):
+    model = B.randomize(make())
+    x = torch.randn(2, 3 if make is B.TinyRepNet else 4 if make is ConvBNThenConv else 8, 16, 16)
+    rec = Recorder()
+    f = compiled(model, rec)
+    with torch.no_grad():
+        assert_close(f(x), model(x))
+        inner = placeholders(rec.graphs[-1])
+        assert inner and all(n.users for n in inner)
+        graph = backend.compiled_graphs()[-1]
+        assert len(inner) < len(placeholders(graph.original)) + len(graph._tensors)
+        for i, t in enumerate(list(model.parameters()) + list(model.buffers())):  # every weight, in place
+            if t.is_floating_point():
+                t.mul_(1.0 + 0.1 * (i % 3))
+        assert_close(f(x), model(x))
+
+
+def test_parameters_outside_fused_regions_are_read_live():
+    rec = Recorder()
+    model = B.randomize(ConvBNThenConv())
+    x = torch.randn(2, 4, 9, 9)
+    f = compiled(model, rec)
+    with torch.no_grad():
+        f(x)
+        graph = backend.compiled_graphs()[-1]
+        start = graph.recomputes
+        model.second.weight.mul_(-2.0)  # not a source of any fused tensor: no recompute needed
+        assert_close(f(x), model(x))
+        assert graph.recomputes == start
+        model.first[1].running_var.mul_(2.0)
+        assert_close(f(x), model(x))
         assert graph.recomputes == start + 1
 
 
@@ -145,3 +196,37 @@ def test_unknown_option_is_a_clear_error():
     with pytest.raises(Exception, match="unknown options"):
         with torch.no_grad():
             torch.compile(model, backend="repfuse", options={"innr": "eager"})(torch.randn(1, 4, 5, 5))
+
+
+def test_seed_paper_rules_run_in_the_backend_and_follow_weight_edits():
+    import rewrite_blocks as RB
+
+    model, rec = RB.DynamicNet(K=4), Recorder()
+    f = torch.compile(model, backend="repfuse", options={"inner": rec})
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        assert_close(f(x), model(x))
+        assert sum(n.target is torch.conv2d for n in rec.graphs[-1].graph.nodes) == 3  # stem + 2 aggregated
+        for conv in model.dense.convs:
+            conv.weight.mul_(1.5)  # in place: the aggregated kernels are recomputed
+        assert_close(f(x), model(x))
+
+
+@pytest.mark.parametrize("options, producer", [({}, 6), ({"disable": ["dead_channels"]}, 8)], ids=["on", "off"])
+def test_backend_rule_switches(options, producer):
+    import rewrite_blocks as RB
+
+    model, rec = RB.DeadChannels(0.5, 1, 0), Recorder()
+    f = torch.compile(model, backend="repfuse", options={"inner": rec, **options})
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert_close(f(x), model(x))
+    weights = [v for v in backend.compiled_graphs() if v.graph_module is rec.graphs[-1]][0]._tensors
+    assert weights[0].shape[0] == producer
+
+
+def test_backend_refuses_unknown_rules():
+    with pytest.raises(Exception, match="unknown rule"):
+        with torch.no_grad():
+            torch.compile(torch.nn.Conv2d(3, 3, 1), backend="repfuse", options={"disable": ["bogus"]})(
+                torch.randn(1, 3, 4, 4))

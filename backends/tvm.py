@@ -3,7 +3,9 @@
     import repfuse.backends.tvm                   # registers the pipeline
     ex = tvm.compile(mod, target="llvm", relax_pipeline="repfuse")
     mod = repfuse.backends.tvm.RepFuse()(mod)     # the pass alone, composable
+    mod = RepFuse(disable=["dead_channels"])(mod) # rules by name (repfuse.patterns.rules)
     seq = repfuse.backends.tvm.pipeline("zero")   # repfuse in front of another pipeline
+    mod, rows = repfuse.backends.tvm.fuse_module(mod)  # the fused module and one RuleRow per rule
 
 A registered pipeline replaces the whole build pipeline, so "repfuse" runs
 RepFuse and then exactly what relax_pipeline="default" would run for the
@@ -19,35 +21,64 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"repfuse's TVM path needs apache-tvm: pip install 'repfuse[tvm]' ({e})") from None
 
-from ..passes import relax as relaxpass
+from ..passes import relax_rewrites
+from ..passes.report import RuleRow
+from ..patterns import rules
 
-__all__ = ["RepFuse", "pipeline", "PIPELINE_NAME"]
+__all__ = ["RepFuse", "fuse_module", "pipeline", "PIPELINE_NAME"]
 
 PIPELINE_NAME = "repfuse"
 
 
 @tvm.transform.module_pass(opt_level=0, name="RepFuse")
 class RepFuse:
-    """Fuse every exactly-fusable affine region of every Relax function into one conv (+ bias add)."""
+    """Run repfuse's rules (repfuse.patterns.rules) on every Relax function: constant folding,
+    branch merging into one conv (+ bias add) per affine region, dynamic-conv aggregation and
+    dead-channel removal.  `disable` / `enable` switch rules by name (unknown names raise ValueError).
 
-    def __init__(self):
+    After a call, `last_report` holds one RuleRow per rule (summed over the functions),
+    `last_runs` the per-function runs and `last_plans` the affine plans."""
+
+    def __init__(self, disable=(), enable=()):
+        self.disable, self.enable = tuple(disable), tuple(enable)
+        self.rules = rules.enabled(self.disable, self.enable)  # unknown names fail here
         self.last_plans: dict[str, object] = {}
+        self.last_runs: dict[str, object] = {}
+        self.last_report: list[RuleRow] = []
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            new_func, plan = relaxpass.fuse_function(mod, func)
-            self.last_plans[gvar.name_hint] = plan
-            if new_func is not func:
-                updates[gvar] = new_func
-        if not updates:
-            return mod
-        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions, mod.attrs)
-        for gvar, func in updates.items():
-            mod[gvar] = func
+        mod, self.last_report = fuse_module(mod, self.disable, self.enable, runs=self.last_runs)
+        self.last_plans = {name: run.plans[-1] for name, run in self.last_runs.items() if run.plans}
         return mod
+
+
+def fuse_module(mod: tvm.IRModule, disable=(), enable=(), *,
+                runs: dict | None = None) -> tuple[tvm.IRModule, list[RuleRow]]:
+    """(the fused module, one RuleRow per rule, in patterns.rules order); the same module object when
+    nothing applied.  `runs`, when given, receives each function's RelaxRun by name."""
+    enabled = rules.enabled(disable, enable)
+    runs = {} if runs is None else runs
+    runs.clear()
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        new_func, run = relax_rewrites.run_rules(mod, func, enabled)
+        runs[gvar.name_hint] = run
+        if new_func is not func:
+            updates[gvar] = new_func
+    rows = [RuleRow(r.name, r.name in enabled) for r in rules.RULES]
+    for run in runs.values():
+        for row in rows:
+            done = run.rules[row.name]
+            if done.applied or done.detail:
+                row.add(done.applied, done.detail)
+    if not updates:
+        return mod, rows
+    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions, mod.attrs)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod, rows
 
 
 def _inner_for(target) -> tvm.transform.Pass:
@@ -60,8 +91,10 @@ def _inner_for(target) -> tvm.transform.Pass:
     return relax.get_pipeline("default")
 
 
-def pipeline(inner: str | tvm.transform.Pass | None = None) -> tvm.transform.Pass:
-    """RepFuse followed by `inner` (a pipeline name or pass; default: the target's default pipeline)."""
+def pipeline(inner: str | tvm.transform.Pass | None = None, disable=(), enable=()) -> tvm.transform.Pass:
+    """RepFuse(disable, enable) followed by `inner` (a pipeline name or pass; default: the target's
+    default pipeline)."""
+    rules.enabled(disable, enable)  # unknown names fail here, not at build time
 
     @tvm.transform.module_pass(opt_level=0, name="repfuse_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -71,7 +104,7 @@ def pipeline(inner: str | tvm.transform.Pass | None = None) -> tvm.transform.Pas
             rest = relax.get_pipeline(inner)
         else:
             rest = inner
-        return tvm.transform.Sequential([RepFuse(), rest])(mod)
+        return tvm.transform.Sequential([RepFuse(disable, enable), rest])(mod)
 
     return _pipeline
 

@@ -16,7 +16,8 @@ from tvm import relax
 from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Sum, padded, plan, precision
+from ..patterns.channels import ACTIVATIONS, clip
+from ..patterns.planner import Affine, Concat, PadWith, Plan, Pointwise, Scaled, Sum, padded, plan, precision
 
 __all__ = ["RelaxView", "fuse_function"]
 
@@ -56,6 +57,22 @@ def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
 
+def _scalar(arg) -> float | None:
+    """A scalar argument (IntImm, FloatImm, or a PrimValue wrapping one) as float, else None."""
+    if type(arg).__name__ in ("IntImm", "FloatImm"):
+        return float(arg.value)
+    value = getattr(arg, "value", None)
+    return _scalar(value) if value is not None and not isinstance(value, (int, float)) else None
+
+
+def _same_dim(a, b) -> bool:
+    """Two shape entries that are provably equal (equal ints, or the same symbolic expression)."""
+    sa, sb = _static(a), _static(b)
+    if sa is not None or sb is not None:
+        return sa == sb
+    return a.same_as(b) or tvm.ir.structural_equal(a, b)
+
+
 class RelaxView:
     """The planner's view of one Relax function; keys are binding vars."""
 
@@ -68,19 +85,27 @@ class RelaxView:
         self._users: dict[relax.Var, list[relax.Var]] = {}
         self._var_by_value: dict = {}
         self.attached: dict[relax.Var, list[relax.Var]] = {}  # var -> bindings dropped with it
+        self._hidden: set[relax.Var] = set()  # vars read somewhere other than as a direct argument
         for block in func.body.blocks:
             for binding in block.bindings:
                 if not isinstance(binding, relax.VarBinding):
+                    for v in relax.analysis.free_vars(binding.value):  # match_cast and friends
+                        self._hidden.add(v)
+                        self._uses[v] = self._uses.get(v, 0) + 1
                     continue
                 self.bound[binding.var] = binding.value
                 self._var_by_value[binding.value] = binding.var
                 if isinstance(block, relax.DataflowBlock):
                     self._values.append(binding.var)
+                direct = _direct_args(binding.value)
                 for v in relax.analysis.free_vars(binding.value):
                     self._uses[v] = self._uses.get(v, 0) + 1
                     self._users.setdefault(v, []).append(binding.var)
+                    if not any(v.same_as(d) for d in direct):
+                        self._hidden.add(v)
         for v in relax.analysis.free_vars(func.body.body):
             self._uses[v] = self._uses.get(v, 0) + 1
+            self._hidden.add(v)
 
     # -- GraphView protocol
     def values(self):
@@ -88,6 +113,13 @@ class RelaxView:
 
     def single_consumer(self, var: relax.Var) -> bool:
         return isinstance(var, relax.DataflowVar) and self._uses.get(var, 0) == 1
+
+    def readers(self, var: relax.Var):
+        """The bindings reading `var` as a direct argument (keyed by their vars), or None when it leaves
+        its dataflow block (function output) or is read inside a nested expression we cannot see."""
+        if not isinstance(var, relax.DataflowVar) or var in self._hidden:
+            return None
+        return list(dict.fromkeys(self._users.get(var, [])))
 
     def channels_and_rank(self, var):
         shape, dtype = self._shape(var)
@@ -137,13 +169,25 @@ class RelaxView:
         fold = _FOLDS.get(name)
         if fold is None:
             return None
-        args = [self.const(a) if not isinstance(a, relax.ShapeExpr) else a for a in expr.args]
+        args = [self._fold_arg(a) for a in expr.args]
         if any(a is None for a in args):
             return None
         try:
             return np.asarray(fold(expr, *args))
         except (ValueError, TypeError):
             return None
+
+    def _fold_arg(self, arg):
+        """A fold's argument: arrays for tensors, ShapeExpr as is, tuples of integers as int lists."""
+        if isinstance(arg, relax.ShapeExpr):
+            return arg
+        if isinstance(arg, relax.Tuple):
+            ints = [_prim(f) for f in arg.fields]
+            if all(i is not None for i in ints):
+                return ints
+            items = [self.const(f) for f in arg.fields]
+            return None if any(i is None for i in items) else items
+        return self.const(arg)
 
     def _input(self, arg) -> relax.Var:
         if not isinstance(arg, relax.Var) or self.const(arg) is not None:
@@ -206,7 +250,7 @@ class RelaxView:
                 if self._shape(a) != self._shape(b) or self._shape(a)[0] is None:
                     raise Declined("operands of different or unknown shapes (broadcasting)")
                 return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
-            return None
+            return self._scaled(call, a, b) if kind == "mul" else None
         if ca is not None and cb is not None:
             return None
         x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
@@ -214,6 +258,35 @@ class RelaxView:
         channels, rank = self._cr(x)
         op = A.elementwise(kind, A.channel_vector(c, rank + 2, channels), const_first, rank)
         return None if op is None else Affine(x, op)
+
+    def _scaled(self, call, a, b):
+        """x * s with s a per-sample scalar [N, 1, ...] computed from data (a dynamic conv's attention)."""
+        if not isinstance(a, relax.Var) or not isinstance(b, relax.Var):
+            return None
+        out = _type(self._var_of(call))
+        for x, s in ((a, b), (b, a)):
+            tx, ts = _type(x), _type(s)
+            if not all(isinstance(t, relax.TensorType) and t.shape is not None and hasattr(t.shape, "values")
+                       for t in (tx, ts, out)):
+                continue
+            xs, ss, os_ = list(tx.shape.values), list(ts.shape.values), list(out.shape.values)
+            if len(xs) != len(ss) or len(xs) < 2 or len(os_) != len(xs) or str(tx.dtype) != str(ts.dtype):
+                continue
+            if not all(_same_dim(p, q) for p, q in zip(xs, os_)):
+                continue  # s must not broadcast x
+            if _same_dim(ss[0], xs[0]) and all(_static(d) == 1 for d in ss[1:]) and self.channels_and_rank(x):
+                return Scaled(x, s)
+        return None
+
+    # -- activations (for dead-channel planning: constants pass through them)
+    def _activation(self, call):
+        return Pointwise(self._input(call.args[0]), ACTIVATIONS[_ACTIVATION[call.op.name]])
+
+    def _clip(self, call):
+        low, high = (_scalar(a) for a in call.args[1:3])
+        if low is None or high is None:
+            return None  # tensor bounds: not a fixed function of the channel constant
+        return Pointwise(self._input(call.args[0]), clip(low, high))
 
     def _matmul(self, call):
         x, w = call.args
@@ -324,6 +397,24 @@ def _shape_of(shape_expr) -> list[int]:
     return dims
 
 
+def _strided_slice(e, a, axes, begin, end, strides=None):
+    strides = strides or [1] * len(axes)
+    if any(st <= 0 for st in strides):
+        raise ValueError("negative strides: clamping rules differ from numpy's")
+    index = [slice(None)] * a.ndim
+    for ax, b, en, st in zip(axes, begin, end, strides):
+        index[ax] = slice(b, en, st)
+    return a[tuple(index)]
+
+
+def _take(e, a, idx):
+    axis = e.attrs.axis
+    n = a.size if axis is None else a.shape[int(axis)]
+    if np.any(idx < 0) or np.any(idx >= n):
+        raise ValueError("index out of range: TVM's modes differ from numpy's")
+    return np.take(a, idx, axis=None if axis is None else int(axis))
+
+
 _FOLDS = {
     "relax.add": lambda e, a, b: a + b,
     "relax.subtract": lambda e, a, b: a - b,
@@ -335,7 +426,15 @@ _FOLDS = {
     "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, _shape_of(s)),
     "relax.permute_dims": lambda e, a: np.transpose(a, None if e.attrs.axes is None else _ints(e.attrs.axes)),
     "relax.astype": lambda e, a: a.astype(str(e.attrs.dtype)),
+    "relax.strided_slice": _strided_slice,  # one-shot NAS weight slicing
+    "relax.take": _take,
+    "relax.concat": lambda e, items: np.concatenate(items, axis=int(e.attrs.axis)),
+    "relax.expand_dims": lambda e, a: np.expand_dims(a, tuple(_ints(e.attrs.axis))),
+    "relax.squeeze": lambda e, a: np.squeeze(a, None if e.attrs.axis is None else tuple(_ints(e.attrs.axis))),
 }
+
+# elementwise activations, by the name patterns.channels.ACTIVATIONS knows them
+_ACTIVATION = {"relax.nn.relu": "relu", "relax.sigmoid": "sigmoid", "relax.tanh": "tanh", "relax.nn.silu": "silu"}
 
 _ELEMENTWISE = {"relax.add": "add", "relax.subtract": "sub", "relax.multiply": "mul", "relax.divide": "div"}
 
@@ -351,7 +450,24 @@ _READERS = {
     "relax.nn.pad": RelaxView._pad,
     "relax.concat": RelaxView._concat,
     "relax.slice_scatter": RelaxView._slice_scatter,
+    "relax.clip": RelaxView._clip,
+    **{name: RelaxView._activation for name in _ACTIVATION},
 }
+
+
+def _direct_args(expr) -> list:
+    """The expressions a binding reads directly: a call's arguments (and the items of a tuple argument),
+    a tuple's fields, a tuple item's tuple."""
+    if isinstance(expr, relax.Call):
+        out = []
+        for a in expr.args:
+            out.extend(a.fields if isinstance(a, relax.Tuple) else [a])
+        return out
+    if isinstance(expr, relax.Tuple):
+        return list(expr.fields)
+    if isinstance(expr, relax.TupleGetItem):
+        return [expr.tuple_value]
+    return [expr]
 
 
 # ---------------------------------------------------------------- rewriting
@@ -410,6 +526,8 @@ def _already_canonical(view: RelaxView, region) -> bool:
     if len(region.nodes) != 2:
         return False
     first, second = (view.bound[v] for v in region.nodes)
+    if _op_name(first) == "relax.multiply" and _op_name(second) == "relax.add":
+        return True  # a per-channel scale and shift (as dead_channels emits one): cheaper than a depthwise conv
     return _op_name(first) in ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul") and \
         _op_name(second) == "relax.add"
 

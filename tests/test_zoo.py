@@ -1,9 +1,9 @@
 """Every zoo network on every path: the paper's reference and repfuse's three paths equal the training form.
 
-For the branch-merging families repfuse must reach the reference's conv count
-exactly; the families that need a seed-paper rewrite beyond branch merging
-(dynamic-conv aggregation, dead channels, weight slicing) are checked for
-numbers and for never adding convs.
+Wherever the paper defines a deploy form, repfuse must reach the conv count
+the reference runs (convs and linears executed in one forward pass); the
+rewrite families (dynamic-conv aggregation, dead channels, weight slicing)
+must also reach the reference's conv weight shapes.
 """
 
 import sys
@@ -19,7 +19,7 @@ import repfuse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from zoo import NETWORKS  # noqa: E402
-from zoo.common import count_convs  # noqa: E402
+from zoo.common import count_conv_calls  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -50,14 +50,18 @@ def close(out, ref):
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(out - ref).max()
 
 
-def check_convs(net, model, before: int, after: int):
-    """Branch families must reach the reference's conv count exactly; the others must not add convs
-    (their reference needs a rewrite beyond branch merging)."""
-    if net.kind == "branches":
+def check_convs(net, model, x, before: int, after: int):
+    """Equal to the conv count the reference runs; without a reference, never more convs."""
+    if net.to_deploy is not None:
         with torch.no_grad():
-            assert after == count_convs(net.to_deploy(model))
+            assert after == count_conv_calls(net.to_deploy(model), x)
     else:
         assert after <= before
+
+
+def reference_conv_shapes(net, model) -> list[tuple]:
+    with torch.no_grad():
+        return sorted(tuple(m.weight.shape) for m in net.to_deploy(model).modules() if isinstance(m, torch.nn.Conv2d))
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))
@@ -77,8 +81,12 @@ def test_fx_path(name, built):
     gm = repfuse.deploy(model, (x,))
     with torch.no_grad():
         close(gm(x), y)
-    n = sum(node.op == "call_function" and node.target in (torch.conv2d, F.linear) for node in gm.graph.nodes)
-    check_convs(net, model, gm.meta["repfuse_report"].before.convs, n)
+    n = sum(node.op == "call_function" and node.target in (torch.conv2d, F.linear, torch._C._nn.linear)
+            for node in gm.graph.nodes)
+    check_convs(net, model, x, gm.meta["repfuse_report"].before.convs, n)
+    if net.name in ("pruned-resnet", "nas-supernet"):  # channels removed / weights sliced as in the reference
+        assert sorted(tuple(p.shape) for _, p in gm.named_parameters() if p.dim() == 4) == \
+            reference_conv_shapes(net, model)
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))
@@ -95,7 +103,7 @@ def test_onnx_path(name, built, tmp_path):
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     close(session.run(None, {"x": x.numpy()})[0], y.numpy())
     n = sum(node.op_type in ("Conv", "Gemm") for node in proto.graph.node)
-    check_convs(net, model, sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in onnx.load(str(src)).graph.node), n)
+    check_convs(net, model, x, sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in onnx.load(str(src)).graph.node), n)
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))
@@ -116,7 +124,7 @@ def test_tvm_path(name, built):
             pytest.skip(f"TVM's torch frontend cannot import {name}: {str(e).splitlines()[0][:200]}")
     fused = RepFuse()(mod)
     count = lambda m: m["main"].script().count("R.nn.conv2d(") + m["main"].script().count("R.matmul(")  # noqa: E731
-    check_convs(net, model, count(mod), count(fused))
+    check_convs(net, model, x1, count(mod), count(fused))
     vm = relax.VirtualMachine(tvm.compile(fused, target="llvm"), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x1.numpy()))[0].numpy()
     close(out, y1.numpy())

@@ -24,6 +24,7 @@ from ..patterns import rules as R
 from ..patterns.affine import Declined
 from ..patterns.channels import plan_channels
 from ..patterns.dynamic import DynamicRegion, plan_dynamic
+from ..patterns.ghost import plan_ghost
 from ..patterns.planner import Affine
 from . import relax as rx
 from .report import RuleRow
@@ -61,7 +62,8 @@ def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R
         return go
 
     steps = [("constant_folding", step(fold_constants)), ("affine", step(fuse_affine)),
-             ("dynamic_conv", step(aggregate_dynamic)), ("dead_channels", step(remove_dead_channels))]
+             ("dynamic_conv", step(aggregate_dynamic)), ("dead_channels", step(remove_dead_channels)),
+             ("ghost_concat", step(merge_ghost_concats))]
     affine = dict(steps)["affine"]
     for _ in range(max_rounds):
         changed = False
@@ -319,4 +321,25 @@ def remove_dead_channels(mod, func: relax.Function, run: RelaxRun) -> relax.Func
         emit[var] = lambda w, op=op, source=source, var=var: _affine_expr(w, op, w.visit_expr(source), _dtype(var))
     text = f"{plan.removed} channels removed"
     run.rules["dead_channels"].add(plan.removed, text + (f"; {kept}" if kept else ""))
+    return _rewrite(mod, func, emit=emit, dropped=view.hidden_by(emit))
+
+
+# ---------------------------------------------------------------- ghost_concat
+
+def merge_ghost_concats(mod, func: relax.Function, run: RelaxRun) -> relax.Function | None:
+    view = _FusedView(rx.RelaxView(func))
+    rewrites, declined = plan_ghost(view)
+    run.declined += [(_name(k), r) for k, r in declined.items()]
+    if not rewrites:
+        return None
+    emit = {}
+    for g in rewrites:
+        def ghost(w, g=g):  # [N, 2C, ...], channels interleaved
+            out = _affine_expr(w, g.op, w.visit_expr(g.source), _dtype(g.concat))
+            return relax.op.nn.relu(w.let(out)) if g.relu else out
+
+        emit[g.concat] = ghost
+        for consumer, op in g.consumers.items():
+            emit[consumer] = lambda w, op=op, g=g, c=consumer: _affine_expr(w, op, w.visit_expr(g.concat), _dtype(c))
+    run.rules["ghost_concat"].add(len(rewrites), f"{len(rewrites)} concats -> depthwise convs")
     return _rewrite(mod, func, emit=emit, dropped=view.hidden_by(emit))

@@ -157,3 +157,18 @@ def test_rules_by_name():
         RepFuse(disable=["dead_channel"])
     with pytest.raises(ValueError, match="unknown rule"):
         pipeline(enable=["nope"])
+
+
+@pytest.mark.parametrize("enable", [False, True], ids=["default-off", "enabled"])
+def test_ghost_concat_fires_only_where_enabled(enable):
+    model = RB.Ghost()
+    x = torch.randn(1, 8, 9, 9)
+    mod = to_relax(model, x)
+    fuse = RepFuse(enable=["ghost_concat"] if enable else [])
+    fused = fuse(mod)
+    assert rows(fuse)["ghost_concat"].applied == int(enable)
+    assert ("R.concat(" in fused["main"].script()) != enable
+    assert ((12, 1, 3, 3) in conv_weights(fused)) == enable  # two outputs per channel
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(run(fused, x) - ref).max() <= 1e-4 * np.abs(ref).max()

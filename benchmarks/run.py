@@ -73,6 +73,7 @@ import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -99,6 +100,7 @@ TARGET_BACKENDS = ["onnxruntime", "inductor", "tvm"]  # where the targets apply
 ONNX_PEERS = list(onnx_peers.PEERS)  # onnxsim, onnxslim, onnxoptimizer, ort-offline
 PEERS = {"onnxruntime": ONNX_PEERS, "eager": ["train"], "inductor": ["train"], "tvm": ["train"]}
 COLUMNS = ["train", *ONNX_PEERS, "repfuse", "reference"]  # latency columns of the table
+REWRITE_NETWORKS = ["pruned-resnet", "dynamic-mobilenetv2", "nas-supernet"]  # repfuse / train in their own table
 TARGET_RATIO = 1.02
 QUICK_NETWORKS = ["repvgg-a0", "drconv-net"]  # one with a reference, one without; both compile fast
 
@@ -255,8 +257,9 @@ def bench_torch(model, reference, x: torch.Tensor, ref: np.ndarray, tol: float, 
         gm = repfuse.deploy(model, (x,))
         row["optimize_s"] = time.perf_counter() - t0
         report = gm.meta["repfuse_report"]
-        eager["variants"]["train"].update(nodes=report.before.total_ops, convs=report.before.convs)
-        row.update(nodes=report.after.total_ops, convs=report.after.convs)
+        eager["variants"]["train"].update(nodes=report.before.total_ops, convs=report.before.convs,
+                                          macs=report.before.macs)
+        row.update(nodes=report.after.total_ops, convs=report.after.convs, macs=report.after.macs)
         calls[("eager", "repfuse")] = gm
     except Exception as e:
         failed(row, e)
@@ -462,7 +465,90 @@ def bench_network(name: str, args, timing: dict, workdir: Path, tvm_state: dict)
                                                     "traceback": traceback.format_exc(), "variants": {}}
         log(f"   {group} done in {time.perf_counter() - t0:.0f} s")
         gc.collect()
+    if name in GHOST_NETWORKS:
+        log("   ghost_concat on / off ...")
+        try:
+            result["ghost"] = bench_ghost(model, x, ref, tol, workdir, timing, args.backends)
+        except Exception as e:
+            log(traceback.format_exc())
+            result["ghost"] = {"all": {"error": describe(e)}}
     return result
+
+
+# ================================================================ Ghost concat on / off
+
+GHOST_NETWORKS = ["ghostnet-1.0x"]
+
+
+def bench_ghost(model, x: torch.Tensor, ref: np.ndarray, tol: float, workdir: Path, timing: dict,
+                backends: list[str]) -> dict:
+    """repfuse with ghost_concat enabled vs its default (off), per backend: latency on / off."""
+    import repfuse
+
+    out = {}
+    variants = {"off": {}, "on": {"enable": ["ghost_concat"]}}
+    if "onnxruntime" in backends:
+        src = workdir / "ghost.train.onnx"
+        onnx_peers.export(model, x, src)
+        sessions = {}
+        for k, opts in variants.items():
+            path = workdir / f"ghost.{k}.onnx"
+            path.write_bytes(repfuse.optimize_onnx(str(src), **opts).SerializeToString())
+            sessions[k] = onnx_peers.session(path, offline=False)
+        feed = {"input": x.numpy()}
+        out["onnxruntime"] = _on_off({k: (lambda s=s: s.run(None, feed)[0]) for k, s in sessions.items()},
+                                     ref, tol, timing["onnxruntime"])
+    torch_calls: dict[str, dict] = {}
+    if "eager" in backends:
+        torch_calls["eager"] = {k: repfuse.deploy(model, (x,), **opts) for k, opts in variants.items()}
+    if "inductor" in backends:
+        torch._dynamo.reset()
+        torch_calls["inductor"] = {k: torch.compile(model, backend="repfuse", options=dict(opts))
+                                   for k, opts in variants.items()}
+    with torch.no_grad():
+        for backend_name, calls in torch_calls.items():
+            out[backend_name] = _on_off({k: (lambda f=f: f(x)) for k, f in calls.items()}, ref, tol,
+                                        timing["torch"])
+    return out
+
+
+def _on_off(calls: dict, ref: np.ndarray, tol: float, timing: Timing) -> dict:
+    errors = {k: max_abs_error(np.asarray(f()), ref) for k, f in calls.items()}
+    samples, rounds = interleaved(calls, timing)
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+    return {"off_ms": ms["off"], "on_ms": ms["on"], "ratio_on_off": ms["on"] / ms["off"], "rounds": rounds,
+            "max_abs_err": max(errors.values()), "ok": max(errors.values()) <= tol}
+
+
+def rewrites_text(results: list[dict]) -> str:
+    """The seed-paper rewrites: repfuse / training form for the rewrite networks, and Ghost concat on / off."""
+    out = ["### Rewrites beyond branch merging", "",
+           "| network | MACs repfuse / train | onnxruntime | eager | inductor | tvm |", "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "skipped" in r or r["network"] not in REWRITE_NETWORKS:
+            continue
+        cells = []
+        for backend_name in BACKENDS:
+            rows = r["backends"].get(backend_name, {}).get("variants", {})
+            train, rf = rows.get("train", {}).get("median_ms"), rows.get("repfuse", {}).get("median_ms")
+            cells.append(fmt(rf / train if train and rf else None, ".3f"))
+        eager = r["backends"].get("eager", {}).get("variants", {})
+        macs = (eager.get("repfuse", {}).get("macs"), eager.get("train", {}).get("macs"))
+        out.append(f"| {r['network']} | {fmt(macs[0] / macs[1] if all(macs) else None, '.3f')} | "
+                   + " | ".join(cells) + " |")
+    out += ["", "Latency ratios are repfuse / training form on the same backend (lower is faster).", ""]
+    ghost = [r for r in results if r.get("ghost")]
+    if ghost:
+        out += ["Ghost concat (`enable=[\"ghost_concat\"]`) against repfuse's default (off): latency on / off", "",
+                "| network | backend | off ms | on ms | on / off | outputs match |", "|---|---|---:|---:|---:|---|"]
+        for r in ghost:
+            for backend_name, g in r["ghost"].items():
+                if "error" in g:
+                    out.append(f"| {r['network']} | {backend_name} | - | - | - | FAIL: {g['error']} |")
+                    continue
+                out.append(f"| {r['network']} | {backend_name} | {g['off_ms']:.2f} | {g['on_ms']:.2f} | "
+                           f"{g['ratio_on_off']:.3f} | {'yes' if g['ok'] else 'NO'} |")
+    return "\n".join(out)
 
 
 # ================================================================ report
@@ -777,7 +863,7 @@ def main() -> int:
             "timing": {k: vars(t) for k, t in timing.items()}, "networks": networks, "backends": args.backends}
     targets = evaluate_targets(results)
     meta["wall_s"] = time.perf_counter() - started
-    text = "\n\n".join([markdown(results, meta), summary_text(targets), errors_text(results),
+    text = "\n\n".join([markdown(results, meta), summary_text(targets), rewrites_text(results), errors_text(results),
                         f"total wall time {meta['wall_s']:.0f} s"])
     print(text)
     for path in (args.md, args.json, args.png):

@@ -210,7 +210,7 @@ class _Shape:
 
 def remove_dead_channels(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
     channel_plan: ChannelPlan = plan_channels(view)
-    kept = "; ".join(f"{n} kept: {why}" for why, n in sorted(channel_plan.kept.items(), key=lambda kv: -kv[1]))
+    kept = channel_plan.kept_summary()
     if not channel_plan:
         if kept:
             run.rules["dead_channels"].add(0, kept)

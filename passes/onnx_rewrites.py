@@ -393,7 +393,7 @@ def _scan_dynamic(region, x, pi, w_k, b_k, conv_attrs, names, nodes, stem, dtype
 
 def remove_dead_channels(view: OnnxView, names: Names, run: OnnxRun) -> bool:
     channel_plan: ChannelPlan = plan_channels(view)
-    kept = "; ".join(f"{n} kept: {why}" for why, n in sorted(channel_plan.kept.items(), key=lambda kv: -kv[1]))
+    kept = channel_plan.kept_summary()
     if not channel_plan:
         if kept:
             run.rules["dead_channels"].add(0, kept)

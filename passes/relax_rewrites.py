@@ -310,7 +310,7 @@ def _dynamic_expr(w: _Writer, region: DynamicRegion) -> relax.Expr:
 def remove_dead_channels(mod, func: relax.Function, run: RelaxRun) -> relax.Function | None:
     view = _FusedView(rx.RelaxView(func))
     plan = plan_channels(view)
-    kept = "; ".join(f"{n} kept: {why}" for why, n in sorted(plan.kept.items(), key=lambda kv: -kv[1]))
+    kept = plan.kept_summary()
     if not plan:
         if kept:
             run.rules["dead_channels"].add(0, kept)

@@ -45,6 +45,10 @@ class ChannelPlan:
     def __bool__(self) -> bool:
         return bool(self.ops)
 
+    def kept_summary(self) -> str:
+        """e.g. "16 kept: a non-zero constant read through a padded conv is not a bias at the borders"."""
+        return "; ".join(f"{n} kept: {why}" for why, n in sorted(self.kept.items(), key=lambda kv: -kv[1]))
+
 
 class ChannelView(GraphView, Protocol):
     def readers(self, value: Key) -> Sequence[Key] | None:

@@ -20,11 +20,11 @@ from torch import fx
 from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Plan, Pointwise, Region, Scaled, Sum, padded, plan, precision
+from ..patterns.planner import Affine, Concat, Plan, Pointwise, Region, Scaled, Sum, padded, precision
 
 aten = torch.ops.aten
 
-__all__ = ["FxView", "fuse", "fuse_graph_module", "apply_plan", "graph_stats"]
+__all__ = ["FxView", "fuse_graph_module", "apply_plan", "graph_stats"]
 
 # Ops whose result is never a constant we may evaluate at plan time.
 _IMPURE_NAMES = {"setitem", "delitem", "rand", "randn", "randint", "rand_like", "randn_like",
@@ -695,15 +695,6 @@ def to_tensor(array: np.ndarray, like: torch.Tensor | None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
 
-def fused_tensors(region: Region, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused weight and bias as torch tensors in the model's dtype and device."""
-    dtype = like.dtype if like is not None and like.dtype.is_floating_point else torch.float32
-    device = like.device if like is not None else "cpu"
-    w = torch.from_numpy(np.ascontiguousarray(region.op.weight)).to(device=device, dtype=dtype)
-    b = torch.from_numpy(np.ascontiguousarray(region.op.bias)).to(device=device, dtype=dtype)
-    return w, b
-
-
 def _emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, w_node: fx.Node, b_node: fx.Node,
                  groups: int | fx.Node | None = None) -> fx.Node:
     """One conv / linear node computing `op` on x (inserted at the graph's insertion point)."""
@@ -741,7 +732,8 @@ def apply_plan(view: FxView, fx_plan: Plan, constant_node: Callable[[str, torch.
     replaced: dict[fx.Node, fx.Node] = {}  # root of an applied region -> its fused node
     for i, region in enumerate(fx_plan.regions):
         root, source = region.root, replaced.get(region.source, region.source)
-        w, b = fused_tensors(region, like(region))
+        example = like(region)
+        w, b = to_tensor(region.op.weight, example), to_tensor(region.op.bias, example)
         wname, bname = f"repfuse_w{i}", f"repfuse_b{i}"
         created[wname], created[bname] = w, b
         w_node = constant_node(wname, w, root)
@@ -765,12 +757,6 @@ def _erase(graph: fx.Graph, node: fx.Node) -> None:
         inputs = n.all_input_nodes
         graph.erase_node(n)
         stack.extend(inputs)
-
-
-def fuse(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None = None) -> tuple[Plan, FxView]:
-    """Plan the fusion of `gm` (nothing is changed yet)."""
-    view = FxView(gm, constants)
-    return plan(view), view
 
 
 def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[str] | None = None):

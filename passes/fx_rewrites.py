@@ -8,10 +8,9 @@ backend, which recomputes them when the weights change.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
-
-import operator
 
 import torch
 from torch import fx
@@ -20,6 +19,7 @@ from ..patterns import rules as R
 from ..patterns.channels import ChannelPlan, plan_channels
 from ..patterns.dynamic import DynamicRegion, plan_dynamic
 from ..patterns.ghost import plan_ghost
+from ..patterns.planner import plan
 from . import fx as fxpass
 from .report import RuleRow
 
@@ -61,34 +61,24 @@ def run_rules(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None,
 
     def affine() -> bool:
         v = view()
-        fx_plan = fxpass.plan(v)
+        fx_plan = plan(v)
         run.declined += [(str(k), r) for k, r in fx_plan.declined.items()]
         if not fx_plan.regions:
             return False
         run.regions += fxpass.region_rows(v, fx_plan)
-        run.signature.append(("affine", [(str(r.source), tuple(map(str, r.nodes)), r.op.signature())
-                                         for r in fx_plan.regions]))
+        run.signature.append(("affine", fx_plan.signature(key=str)))
         fxpass.apply_plan(v, fx_plan, lambda name, t, before: new_constant(t, before), fxpass.example_like)
         run.rules["affine"].add(len(fx_plan.regions), f"{sum(len(r.nodes) for r in fx_plan.regions)} ops")
         return True
 
-    steps: list[tuple[str, Callable[[], bool]]] = [
-        ("constant_folding", lambda: fold_constants(view(), new_constant, run)),
-        ("affine", affine),
-        ("dynamic_conv", lambda: aggregate_dynamic(view(), new_constant, run)),
-        ("dead_channels", lambda: remove_dead_channels(view(), new_constant, run)),
-        ("ghost_concat", lambda: merge_ghost_concats(view(), new_constant, run)),
-    ]
-    for _ in range(max_rounds):
-        changed = False
-        for name, step in steps:
-            if name in rules and step():
-                changed = True
-                _tidy(gm)
-                if name != "affine" and "affine" in rules and affine():  # fold what the rule exposed
-                    _tidy(gm)
-        if not changed:
-            break
+    steps = {
+        "constant_folding": lambda: fold_constants(view(), new_constant, run),
+        "affine": affine,
+        "dynamic_conv": lambda: aggregate_dynamic(view(), new_constant, run),
+        "dead_channels": lambda: remove_dead_channels(view(), new_constant, run),
+        "ghost_concat": lambda: merge_ghost_concats(view(), new_constant, run),
+    }
+    R.run_to_fixed_point(steps, rules, lambda: _tidy(gm), max_rounds)
     run.declined = list(dict(run.declined).items())
     return run
 

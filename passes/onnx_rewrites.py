@@ -55,24 +55,15 @@ def run_rules(model: ir.Model, rules: frozenset[str] = R.enabled(), max_rounds: 
             run.rules["affine"].add(len(rows), f"{sum(r.ops for r in rows)} ops")
         return bool(rows)
 
-    steps: list[tuple[str, Callable[[], bool]]] = [
+    steps = {
         # Names is rebuilt per step: fuse_model names what it creates from the graph as it finds it
-        ("constant_folding", lambda: fold_constants(model, Names(graph), run)),
-        ("affine", affine),
-        ("dynamic_conv", lambda: aggregate_dynamic(OnnxView(graph), Names(graph), run)),
-        ("dead_channels", lambda: remove_dead_channels(OnnxView(graph), Names(graph), run)),
-        ("ghost_concat", lambda: merge_ghost_concats(OnnxView(graph), Names(graph), run)),
-    ]
-    for _ in range(max_rounds):
-        changed = False
-        for name, step in steps:
-            if name in rules and step():
-                changed = True
-                _tidy(model)
-                if name != "affine" and "affine" in rules and affine():  # fold what the rule exposed
-                    _tidy(model)
-        if not changed:
-            break
+        "constant_folding": lambda: fold_constants(model, Names(graph), run),
+        "affine": affine,
+        "dynamic_conv": lambda: aggregate_dynamic(OnnxView(graph), Names(graph), run),
+        "dead_channels": lambda: remove_dead_channels(OnnxView(graph), Names(graph), run),
+        "ghost_concat": lambda: merge_ghost_concats(OnnxView(graph), Names(graph), run),
+    }
+    R.run_to_fixed_point(steps, rules, lambda: _tidy(model), max_rounds)
     return run
 
 

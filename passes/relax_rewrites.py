@@ -61,19 +61,10 @@ def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R
             return True
         return go
 
-    steps = [("constant_folding", step(fold_constants)), ("affine", step(fuse_affine)),
-             ("dynamic_conv", step(aggregate_dynamic)), ("dead_channels", step(remove_dead_channels)),
-             ("ghost_concat", step(merge_ghost_concats))]
-    affine = dict(steps)["affine"]
-    for _ in range(max_rounds):
-        changed = False
-        for name, go in steps:
-            if name in rules and go():
-                changed = True
-                if name != "affine" and "affine" in rules:
-                    affine()  # fold what the rule exposed (e.g. a shrunk conv's BN)
-        if not changed:
-            break
+    steps = {"constant_folding": step(fold_constants), "affine": step(fuse_affine),
+             "dynamic_conv": step(aggregate_dynamic), "dead_channels": step(remove_dead_channels),
+             "ghost_concat": step(merge_ghost_concats)}
+    R.run_to_fixed_point(steps, rules, max_rounds=max_rounds)
     run.declined = list(dict(run.declined).items())
     return state["func"], run
 

@@ -135,9 +135,10 @@ class Plan:
     regions: list[Region] = field(default_factory=list)
     declined: dict[Key, str] = field(default_factory=dict)
 
-    def signature(self) -> list[tuple]:
-        """The structure of the plan without its numbers (to tell whether new weights change it)."""
-        return [(r.source, r.nodes, r.op.signature()) for r in self.regions]
+    def signature(self, key=lambda k: k) -> list[tuple]:
+        """The structure of the plan without its numbers (to tell whether new weights change it);
+        `key` names values (e.g. str, so plans of two copies of one graph compare)."""
+        return [(key(r.source), tuple(map(key, r.nodes)), r.op.signature()) for r in self.regions]
 
 
 # ---------------------------------------------------------------- planner

@@ -13,13 +13,14 @@ options, report rows and test ids all use it.  The order matters:
    shows as zero weights);
 5. `ghost_concat` (off by default: see its entry).
 
-Adapters run `affine` again after a rule that changed the graph, to a fixed point.
+`run_to_fixed_point` is the one driver every adapter uses: it runs `affine` again after a
+rule that changed the graph, and repeats the list until a round changes nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,20 @@ def enabled(disable: Iterable[str] = (), enable: Iterable[str] = ()) -> frozense
     if both:
         raise ValueError(f"rule {', '.join(map(repr, both))} is both enabled and disabled")
     return frozenset(r.name for r in RULES if (r.default or r.name in enable) and r.name not in disable)
+
+
+def run_to_fixed_point(steps: Mapping[str, Callable[[], bool]], rules: frozenset[str],
+                       after_change: Callable[[], None] = lambda: None, max_rounds: int = 4) -> None:
+    """Apply the enabled rules in RULES order, each step returning whether it changed the graph,
+    until a round changes nothing (at most `max_rounds` rounds).  After any other rule changes the
+    graph, `affine` runs again to fold what it exposed; `after_change` tidies after every change."""
+    for _ in range(max_rounds):
+        changed = False
+        for name in NAMES:
+            if name in rules and steps[name]():
+                changed = True
+                after_change()
+                if name != "affine" and "affine" in rules and steps["affine"]():
+                    after_change()
+        if not changed:
+            return

@@ -199,3 +199,36 @@ def test_ghost_concat_declines_a_relu_on_the_cheap_half_only():
     gm = deployed(Signed(), (2, 8, 9, 9), enable=["ghost_concat"])
     assert sum(n.target is torch.cat for n in gm.graph.nodes) == 1
     assert any("intrinsic half" in reason for _, reason in gm.meta["repfuse_report"].declined)
+
+
+class _PerChannelGate(nn.Module):
+    """SE-style gates [N, C, 1, 1] are not per-sample scalars: the sum must stay K convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        g = torch.sigmoid(self.fc(x.mean((2, 3)))).reshape(-1, 2, 4, 1, 1)
+        return g[:, 0] * self.convs[0](x) + g[:, 1] * self.convs[1](x)
+
+
+class _DifferentInputs(nn.Module):
+    """Weighted convs of two different tensors are not one dynamic conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        pi = torch.softmax(self.fc(x.mean((2, 3))), 1)
+        return pi[:, 0].view(-1, 1, 1, 1) * self.convs[0](x) + pi[:, 1].view(-1, 1, 1, 1) * self.convs[1](F.relu(x))
+
+
+@pytest.mark.parametrize("model", [_PerChannelGate, _DifferentInputs], ids=["per-channel-gate", "different-inputs"])
+def test_dynamic_conv_must_not_fire(model):
+    gm = deployed(model(), (3, 4, 8, 8))
+    assert sum(n.target is torch.conv2d for n in gm.graph.nodes) == 2
+    assert rule(gm, "dynamic_conv").applied == 0

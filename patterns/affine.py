@@ -39,7 +39,7 @@ __all__ = [
     "conv", "linear", "per_channel", "batchnorm", "identity", "zero_pad",
     "avg_pool", "scale", "channel_vector", "elementwise",
     "check_add", "add", "align", "check_compose", "compose", "check_concat", "concat",
-    "check_pad_with", "pad_with",
+    "check_pad_with", "pad_with", "linear_steps",
 ]
 
 
@@ -262,6 +262,24 @@ def regroup(weight: np.ndarray, groups: int, new_groups: int) -> np.ndarray:
     for j in range(r):
         out[:, j, :, j] = src[:, j]
     return out.reshape((weight.shape[0], r * i_per) + k)  # [O, I/new_groups, *k]
+
+
+def linear_steps(op: AffineConv) -> list[tuple[str, np.ndarray]]:
+    """How an IR whose linear layer has no groups (F.linear, Gemm, matmul) writes a rank-0 op.
+
+    A dense op is one linear: [("linear", W[O, I])] (its bias is op.bias).  A grouped one is
+    either per-channel, written elementwise as [("mul", scale[C])] and/or [("add", shift[C])]
+    (a step that would do nothing is left out, at least one remains), or block-diagonal dense.
+    """
+    assert op.rank == 0
+    if op.groups == 1:
+        return [("linear", op.weight)]
+    pc = op.per_channel()
+    if pc is None:
+        return [("linear", regroup(op.weight, op.groups, 1))]  # [O, I]
+    scale, shift = pc
+    steps = ([("mul", scale)] if np.any(scale != 1) else []) + ([("add", shift)] if np.any(shift) else [])
+    return steps or [("mul", scale)]
 
 
 # ---------------------------------------------------------------- add

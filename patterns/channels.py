@@ -31,8 +31,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .affine import AffineConv, Declined
-from .planner import Affine, Concat, GraphView, Key, Pointwise, Sum
+from .affine import AffineConv
+from .planner import Affine, Concat, GraphView, Key, Pointwise, Sum, describe_or_none
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _per_channel_op(op: AffineConv) -> bool:
 
 def plan_channels(view: ChannelView) -> ChannelPlan:
     values = list(view.values())
-    desc = {v: _describe(view, v) for v in values}
+    desc = {v: describe_or_none(view, v) for v in values}
     consts: dict[Key, np.ndarray | None] = {}
     for v in values:
         consts[v] = _constants(view, v, desc[v], consts)
@@ -180,13 +180,6 @@ def plan_channels(view: ChannelView) -> ChannelPlan:
             continue
         result.ops[v] = _shrunk(d.op, keep_in, keep_out, consts.get(d.input))
     return result
-
-
-def _describe(view: ChannelView, v: Key):
-    try:
-        return view.describe(v)
-    except Declined:
-        return None
 
 
 def _count(consts, v) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .affine import AffineConv
+from .affine import AffineConv, linear_steps
 
 MEMORY_PASS = 4.0
 
@@ -23,6 +23,17 @@ def density(stride: tuple[int, ...]) -> float:
 def op_cost(op: AffineConv, cumulative_stride: tuple[int, ...]) -> float:
     """One affine op (conv, BN, scale, pad...) whose output sits at `cumulative_stride`."""
     return (op.macs_per_output() + MEMORY_PASS * op.out_channels) * density(cumulative_stride)
+
+
+def fused_cost(op: AffineConv) -> float:
+    """What the op a region fuses into costs as the IR will write it: a grouped rank-0 op has no
+    linear form and becomes Mul/Add steps or a dense (block-diagonal) linear (`affine.linear_steps`)."""
+    if op.rank == 0 and op.groups > 1:
+        steps = linear_steps(op)
+        if steps[0][0] == "linear":
+            return (op.out_channels * op.in_channels) + MEMORY_PASS * op.out_channels
+        return len(steps) * elementwise_cost(op.out_channels, ())
+    return op_cost(op, op.stride)
 
 
 def elementwise_cost(channels: int, cumulative_stride: tuple[int, ...]) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import affine as A
 from .affine import AffineConv, Declined
-from .planner import Affine, GraphView, Key, Scaled, Sum
+from .planner import Affine, GraphView, Key, Scaled, Sum, describe_or_none
 
 
 @dataclass(eq=False)
@@ -68,7 +68,7 @@ def plan_dynamic(view: GraphView) -> tuple[list[DynamicRegion], dict[Key, str]]:
     declined: dict[Key, str] = {}
     for v in values:
         try:
-            t = _extend(view, v, view.describe(v), terms, order)
+            t = _extend(view, v, describe_or_none(view, v), terms, order)
         except Declined as e:
             declined[v] = str(e)
             continue
@@ -91,7 +91,7 @@ def _inner(view: GraphView, u: Key, terms: dict[Key, _Terms]) -> _Terms | None:
 
 def _static_term(view: GraphView, u: Key) -> tuple[Key, AffineConv, tuple[Key, ...]] | None:
     """A Sum operand that is not weighted: an affine op of some source, or the source itself."""
-    d = view.describe(u)
+    d = describe_or_none(view, u)
     if isinstance(d, Affine) and view.single_consumer(u):
         return d.input, d.op, (u,)
     cr = view.channels_and_rank(u)
@@ -100,7 +100,7 @@ def _static_term(view: GraphView, u: Key) -> tuple[Key, AffineConv, tuple[Key, .
 
 def _extend(view: GraphView, v: Key, d, terms: dict[Key, _Terms], order) -> _Terms | None:
     if isinstance(d, Scaled):
-        inner = view.describe(d.input)
+        inner = describe_or_none(view, d.input)
         if not isinstance(inner, Affine) or not view.single_consumer(d.input):
             return None
         return _Terms(inner.input, [(d.scale, inner.op)], None, (d.input, v))

@@ -22,7 +22,7 @@ import numpy as np
 from . import affine as A
 from .affine import AffineConv
 from .channels import ACTIVATIONS
-from .planner import Affine, Concat, GraphView, Key, Pointwise
+from .planner import Affine, Concat, GraphView, Key, Pointwise, describe_or_none
 
 
 @dataclass(eq=False)
@@ -38,7 +38,7 @@ class GhostRewrite:
 def plan_ghost(view: GraphView) -> tuple[list[GhostRewrite], dict[Key, str]]:
     rewrites, declined = [], {}
     for v in view.values():
-        d = view.describe(v)
+        d = describe_or_none(view, v)
         if not isinstance(d, Concat) or len(d.inputs) != 2:
             continue
         reason, rewrite = _match(view, v, d)
@@ -56,15 +56,15 @@ def _is_relu(d) -> bool:
 def _match(view: GraphView, v: Key, d: Concat):
     y, z = d.inputs
     nodes, relu = [], False
-    dz = view.describe(z)
+    dz = describe_or_none(view, z)
     if _is_relu(dz):
         if not view.single_consumer(z):
             return "the cheap branch is read elsewhere", None
-        if not _is_relu(view.describe(y)):
+        if not _is_relu(describe_or_none(view, y)):
             return "a ReLU on the cheap half only, on an intrinsic half that may be negative", None
         nodes.append(z)
         relu, z = True, dz.input
-        dz = view.describe(z)
+        dz = describe_or_none(view, z)
     if not isinstance(dz, Affine) or dz.input != y:
         return None, None  # not a Ghost concat
     cheap = dz.op
@@ -88,7 +88,7 @@ def _match(view: GraphView, v: Key, d: Concat):
     order = np.stack([np.arange(c), c + np.arange(c)], axis=1).reshape(-1)  # new channel j was old order[j]
     consumers = {}
     for r in readers:
-        rd = view.describe(r)
+        rd = describe_or_none(view, r)
         if not isinstance(rd, Affine) or rd.op.groups != 1 or rd.input != v:
             return "a reader of the concat is not a dense conv that can take its channels reordered", None
         op = rd.op

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import affine as A
 from .affine import AffineConv, Declined
-from .cost import elementwise_cost, op_cost
+from .cost import elementwise_cost, fused_cost, op_cost
 
 Key = Hashable
 
@@ -110,6 +110,15 @@ class GraphView(Protocol):
         """(channels, spatial rank) of a tensor value, or None when unknown."""
 
 
+def describe_or_none(view: GraphView, value: Key) -> Description | None:
+    """`view.describe`, with a value the adapter declined read as "not affine": rules other than
+    `affine` only look for their own patterns, and a decline must never escape a rule."""
+    try:
+        return view.describe(value)
+    except Declined:
+        return None
+
+
 # ---------------------------------------------------------------- results
 
 @dataclass(eq=False)
@@ -127,7 +136,7 @@ class Region:
 
     @property
     def fused_cost(self) -> float:
-        return op_cost(self.op, self.op.stride)
+        return fused_cost(self.op)
 
 
 @dataclass
@@ -270,4 +279,7 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
 
 
 def _too_expensive(region: Region) -> bool:
+    if region.op.rank == 0 and region.op.per_channel() is not None:
+        # written as Mul/Add steps again: only worth it with fewer steps, and never a loop
+        return region.fused_cost >= region.cost * (1 - 1e-9)
     return region.fused_cost > region.cost * (1 + 1e-9)

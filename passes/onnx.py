@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
@@ -29,13 +30,27 @@ _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMu
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant an input holds (initializer or Constant node), as numpy, else None."""
-    if value is None:
-        return None
-    if value.is_graph_input() and value.const_value is None:
+    """The constant an input holds (initializer or Constant node), as numpy, else None.
+
+    An initializer that is also a graph input (IR >= 4) is a default the caller may
+    override: a runtime input, never a constant."""
+    if value is None or value.is_graph_input():
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
+
+
+def overridable(value: ir.Value | None) -> bool:
+    """An initializer that is also a graph input: its value is only a default."""
+    return value is not None and value.is_graph_input() and value.const_value is not None
+
+
+OVERRIDABLE = "is a graph input (overridable default)"
+
+
+def opset(graph: ir.Graph) -> int:
+    imports = graph.opset_imports
+    return imports.get("", imports.get("ai.onnx", onnx.defs.onnx_opset_version()))
 
 
 def _dims(value: ir.Value) -> list | None:
@@ -196,8 +211,10 @@ class OnnxView:
 
     def describe(self, value: ir.Value):
         node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or len([o for o in node.outputs if o.uses()]) > 1:
+        if node is None or node.domain not in ("", "ai.onnx"):
             return None
+        if any(o is not None and (o.uses() or o.is_graph_output()) for o in node.outputs[1:]):
+            return None  # its other outputs are read: the node stays
         if node.op_type in _QUANTIZED or self._touches_quantized(node):
             raise Declined("quantized (Q/DQ) region")
         read = getattr(self, "_" + node.op_type, None)
@@ -221,6 +238,8 @@ class OnnxView:
             if optional:
                 return None
             raise Declined(f"{what} is missing")
+        if overridable(v):
+            raise Declined(f"{what} {OVERRIDABLE}")
         arr = const_array(v)
         if arr is None:
             raise Declined(f"{what} is not a constant")
@@ -278,6 +297,8 @@ class OnnxView:
         x = self._input(node)
         if node.attributes.get_int("training_mode", 0):
             raise Declined("BatchNorm in training mode uses batch statistics")
+        if opset(self.graph) < 14 and any(o is not None for o in node.outputs[1:]):
+            raise Declined("BatchNorm with training outputs (opset <= 13) uses batch statistics")
         scale, bias, mean, var = (self._const(node, i, "BatchNorm parameters") for i in range(1, 5))
         eps = node.attributes.get_float("epsilon", 1e-5)
         return Affine(x, A.batchnorm(mean, var, scale, bias, eps, self._cr(x)[1]))
@@ -295,6 +316,9 @@ class OnnxView:
 
     def _elementwise(self, node, kind):
         a, b = node.inputs[0], node.inputs[1]
+        for v in (a, b):
+            if overridable(v):
+                raise Declined(f"{kind} operand {v.name} {OVERRIDABLE}")
         ca, cb = const_array(a), const_array(b)
         if ca is None and cb is None:
             if kind in ("add", "sub"):
@@ -317,6 +341,8 @@ class OnnxView:
         return self._elementwise(node, "sub")
 
     def _Mul(self, node):
+        if any(overridable(v) for v in node.inputs[:2]):
+            return self._elementwise(node, "mul")  # declines, naming the input
         if node.inputs[0] is not node.inputs[1] and all(
                 v is not None and const_array(v) is None for v in node.inputs[:2]):
             return self._scaled(node)
@@ -533,6 +559,55 @@ def _unique(graph: ir.Graph, base: str, taken: set[str]) -> str:
     return name
 
 
+def _shape_with(value: ir.Value, index: int, size) -> ir.Shape | None:
+    """`value`'s shape with dim `index` replaced (None when the shape is unknown)."""
+    if value.shape is None or len(value.shape) <= index:
+        return None
+    dims = list(value.shape)
+    dims[index] = size
+    return ir.Shape(dims)
+
+
+def write_op(graph: ir.Graph, x: ir.Value, op: A.AffineConv, like: ir.Value, name: Callable[[str], str],
+             stem: str, elementwise: bool = False) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes (not yet inserted) computing `op` on x, and their output, typed like `like` with op's channels.
+
+    Rank 0 (x is [N, C]) follows `patterns.affine.linear_steps`: Gemm has no groups, so a grouped op is
+    a dense Gemm or per-channel Mul / Add with [C] constants.  `elementwise`: a per-channel op of any
+    rank is written as Mul + Add rather than as a depthwise Conv."""
+    dtype = like.dtype.numpy() if like.dtype is not None and like.dtype.is_floating_point() else np.float32
+    nodes: list[ir.Node] = []
+
+    def const(what: str, array: np.ndarray) -> ir.Value:
+        return _initializer(graph, name(f"{stem}.repfuse.{what}"), np.ascontiguousarray(array.astype(dtype)))
+
+    def add(op_type: str, inputs, attrs=None) -> ir.Value:
+        node = ir.node(op_type, inputs, attrs or {}, name=name(f"{stem}.repfuse.{op_type}"))
+        nodes.append(node)
+        out = node.outputs[0]
+        out.name, out.type, out.shape = name(f"{stem}.repfuse.{op_type.lower()}"), like.type, \
+            _shape_with(like, 1, op.out_channels)
+        return out
+
+    per = op.per_channel()
+    if op.rank == 0:
+        for kind, array in A.linear_steps(op):
+            if kind == "linear":
+                x = add("Gemm", [x, const("weight", array), const("bias", op.bias)], {"transB": 1})
+            else:
+                x = add("Mul" if kind == "mul" else "Add", [x, const("scale" if kind == "mul" else "shift", array)])
+    elif per is not None and elementwise:
+        shape = (-1,) + (1,) * op.rank  # [C, 1, ...]
+        x = add("Mul", [x, const("scale", per[0].reshape(shape))])
+        x = add("Add", [x, const("shift", per[1].reshape(shape))])
+    else:
+        x = add("Conv", [x, const("weight", op.weight), const("bias", op.bias)],
+                {"kernel_shape": list(op.kernel), "strides": list(op.stride),
+                 "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads],
+                 "dilations": list(op.dilation), "group": op.groups})
+    return nodes, x
+
+
 def apply_plan(view: OnnxView, onnx_plan: Plan, progress: Callable[[int, int], None] | None = None) -> None:
     graph = view.graph
     taken = {v.name for n in graph for v in n.outputs if v.name} | set(graph.initializers) | \
@@ -541,27 +616,16 @@ def apply_plan(view: OnnxView, onnx_plan: Plan, progress: Callable[[int, int], N
     for i, region in enumerate(onnx_plan.regions):
         root, op = region.root, region.op
         source = replaced.get(region.source, region.source)
-        dtype = root.dtype.numpy() if root.dtype is not None and root.dtype.is_floating_point() else np.float32
         stem = root.producer().name or root.name or f"region{i}"
-        w = _initializer(graph, _unique(graph, f"{stem}.repfuse.weight", taken), op.weight.astype(dtype))
-        b = _initializer(graph, _unique(graph, f"{stem}.repfuse.bias", taken), op.bias.astype(dtype))
-        if op.rank == 0:
-            new = ir.node("Gemm", [source, w, b], {"transB": 1}, name=_unique(graph, f"{stem}.repfuse", taken))
-        else:
-            pads = [p[0] for p in op.pads] + [p[1] for p in op.pads]
-            attrs = {"kernel_shape": list(op.kernel), "strides": list(op.stride), "pads": pads,
-                     "dilations": list(op.dilation), "group": op.groups}
-            new = ir.node("Conv", [source, w, b], attrs, name=_unique(graph, f"{stem}.repfuse", taken))
-        out = new.outputs[0]
+        nodes, out = write_op(graph, source, op, root, lambda base: _unique(graph, base, taken), stem)
         out.shape, out.type = root.shape, root.type
-        graph.insert_before(root.producer(), new)
+        for node in nodes:
+            graph.insert_before(root.producer(), node)
         old_name = root.name
         ir.convenience.replace_all_uses_with(root, out, replace_graph_outputs=True)
         if root.is_graph_output() or any(o is out for o in graph.outputs):
             root.name = None
             out.name = old_name  # graph outputs keep their names
-        else:
-            out.name = _unique(graph, f"{stem}.repfuse.out", taken)
         replaced[root] = out
         doomed = []
         for v in region.nodes:
@@ -609,7 +673,8 @@ def graph_stats(model: ir.Model) -> GraphStats:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         stats.ops[node.op_type] += 1
         if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-            w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            w = node.inputs[1] if len(node.inputs) > 1 else None
+            w = None if w is None else ir.convenience.get_const_tensor(w)  # overridable defaults count too
             size = None if w is None else int(w.size)
             if w is None and node.op_type == "Conv" and "repfuse.samples" in node.metadata_props:
                 # a dynamic conv's per-sample kernels ([N*O, I/g, *k], the batch as groups): count one sample

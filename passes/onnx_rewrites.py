@@ -22,7 +22,7 @@ from ..patterns.channels import ChannelPlan, plan_channels
 from ..patterns.dynamic import DynamicRegion, plan_dynamic
 from ..patterns.ghost import plan_ghost
 from . import onnx as onnxpass
-from .onnx import OnnxView, const_array
+from .onnx import OnnxView, _shape_with, const_array
 from .report import RegionRow, RuleRow
 
 __all__ = ["OnnxRun", "run_rules", "fold_constants", "aggregate_dynamic", "remove_dead_channels"]
@@ -89,18 +89,7 @@ class Names:
         return self.constant(base, np.asarray(values, dtype=np.int64))
 
 
-def _opset(graph: ir.Graph) -> int:
-    imports = graph.opset_imports
-    return imports.get("", imports.get("ai.onnx", onnx.defs.onnx_opset_version()))
-
-
-def _shape_with(value: ir.Value, index: int, size) -> ir.Shape | None:
-    """`value`'s shape with dim `index` replaced (None when the shape is unknown)."""
-    if value.shape is None or len(value.shape) <= index:
-        return None
-    dims = list(value.shape)
-    dims[index] = size
-    return ir.Shape(dims)
+_opset = onnxpass.opset
 
 
 def _dtype(value: ir.Value):
@@ -278,7 +267,8 @@ def aggregate_dynamic(view: OnnxView, names: Names, run: OnnxRun) -> bool:
 
 def _dynamic_precondition(view: OnnxView, region: DynamicRegion, source: ir.Value) -> str | None:
     if region.static.rank == 0:
-        return "per-sample Gemm weights are not written yet (only convs)"
+        # per-sample weights sum_k pi_k W_k cost K*O*I MACs per sample, as much as the K linears themselves
+        return "a dynamic linear is not cheaper aggregated (building per-sample weights costs what the K linears do)"
     if source.shape is None or len(source.shape) != region.static.rank + 2:
         return "input rank unknown"
     if region.root.shape is None:
@@ -427,31 +417,7 @@ def merge_ghost_concats(view: OnnxView, names: Names, run: OnnxRun) -> bool:
 def _emit_affine(graph: ir.Graph, old: ir.Value, x: ir.Value, op: AffineConv, names: Names) -> ir.Value:
     """`op` on x as a Conv / Gemm, or as Mul + Add when it is per-channel (BatchNorm and friends)."""
     stem = old.producer().name or old.name or "channels"
-    dtype = _dtype(old)
-    new_nodes = []
-
-    def add(op_type, inputs, attrs=None) -> ir.Value:
-        node = ir.node(op_type, inputs, attrs or {}, name=names(f"{stem}.repfuse.{op_type}"))
-        new_nodes.append(node)
-        node.outputs[0].name = names(f"{stem}.repfuse.{op_type.lower()}")
-        node.outputs[0].type = old.type
-        node.outputs[0].shape = _shape_with(old, 1, op.out_channels)
-        return node.outputs[0]
-
-    per = op.per_channel()
-    if per is not None and op.rank > 0:
-        shape = (-1,) + (1,) * op.rank  # [C, 1, ...]
-        out = add("Mul", [x, names.constant(f"{stem}.repfuse.scale", per[0].reshape(shape).astype(dtype))])
-        out = add("Add", [out, names.constant(f"{stem}.repfuse.shift", per[1].reshape(shape).astype(dtype))])
-    else:
-        w = names.constant(f"{stem}.repfuse.weight", op.weight.astype(dtype))  # [O', I'/g, *k]
-        b = names.constant(f"{stem}.repfuse.bias", op.bias.astype(dtype))  # [O']
-        if op.rank == 0:
-            out = add("Gemm", [x, w, b], {"transB": 1})
-        else:
-            out = add("Conv", [x, w, b], {"kernel_shape": list(op.kernel), "strides": list(op.stride),
-                                          "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads],
-                                          "dilations": list(op.dilation), "group": op.groups})
-    for node in new_nodes:
+    nodes, out = onnxpass.write_op(graph, x, op, old, names, stem, elementwise=True)
+    for node in nodes:
         graph.insert_before(old.producer(), node)
     return out

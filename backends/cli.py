@@ -33,7 +33,8 @@ what it does:
   conv with per-sample kernels) and dead_channels (constant channels removed).
   Everything else (custom domains, Q/DQ regions) is left as it is.
 
-exit codes: 0 done, 1 --check found different outputs, 2 bad input.
+exit codes: 0 done, 1 --check found different outputs (OUT is not written),
+2 bad input or a check that cannot run.  OUT appears only when the command succeeds.
 """
 
 
@@ -61,6 +62,9 @@ class Progress:
         elif tenth != self._last:
             print(f"  {what}: {done}/{total}", file=sys.stderr, flush=True)
         self._last = tenth
+
+
+_placed: list[Path] = []  # files this command has put in place (for the Ctrl-C message)
 
 
 def _names(values: list[str]) -> list[str]:
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--check", action="store_true",
                      help="run IN and OUT in onnxruntime on random inputs; exit 1 if outputs differ")
     opt.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                     help="input size for --check (repeatable); dynamic dims default to batch 2, image 224")
+                     help="input size for --check (repeatable; NAME: for a scalar); dynamic dims default to batch 2, "
+                          "image 224")
     opt.add_argument("--report", metavar="FILE.json", help="write the before/after report as JSON")
     opt.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     opt.add_argument("--external-data", action="store_true",
@@ -152,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"repfuse: error: {e}", file=sys.stderr)
         return 2
+    _placed.clear()
     try:
         return _optimize(args) if args.command == "optimize" else _compile(args)
     except KeyboardInterrupt:
-        print("repfuse: interrupted; nothing written", file=sys.stderr)
+        done = ", ".join(str(p) for p in _placed)
+        print("repfuse: interrupted; " + (f"already written: {done}" if done else "nothing written"), file=sys.stderr)
         return 130
     except Exception as e:  # InputError is the user's; anything else is ours, but still one line
         from .onnx import InputError
@@ -201,51 +208,53 @@ def _optimize(args) -> int:
 
     progress.stage(f"loading {source}")
     model = pipeline.load(source)
+    pipeline.check_input_shapes(model, shapes)  # before any work: a wrong shape is the user's mistake
     in_bytes = source.stat().st_size + _data_bytes(source)
     nodes = pipeline.node_count(model)
     if nodes >= 2000 and not args.quiet:
         progress.enabled = True  # large models get stage lines even when stderr is a file
     progress.stage(f"{nodes} nodes; optimizing" + ("" if args.no_simplify else " (onnxsim first)"))
     model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, warn=warn, progress=progress,
-                                      rules=args.rules)
+                                      rules=args.rules, isolate=True)
     progress.stage(f"writing {target}")
 
-    if args.check and args.in_place:  # keep the original to compare against
-        import shutil
-        import tempfile
-
-        keep = Path(tempfile.mkdtemp(prefix="repfuse-check-"))
-        reference = keep / source.name
-        shutil.copy2(source, reference)
-        if _data_path(source).exists():
-            shutil.copy2(_data_path(source), keep / _data_path(source).name)
-    else:
-        reference = source
-    written = pipeline.save(model, target, external_data=args.external_data)
-    out_bytes = sum(p.stat().st_size for p in written)
-    report.file_bytes = (in_bytes, out_bytes)
-
-    status = 0
-    check_rows = None
-    if args.check:
-        progress.stage("checking with onnxruntime")
-        check_rows = pipeline.compare_outputs(str(reference), str(target), shapes)
-        status = 0 if all(r["ok"] for r in check_rows) else 1
-    if not args.quiet:
-        print(report.table(explain=args.explain))
-    if check_rows is not None:
-        for r in check_rows:
+    # OUT is written beside its place and moved there only once everything (the check too) succeeded;
+    # with --in-place, IN is therefore still the original while the check runs
+    with pipeline.staged(model, target, external_data=args.external_data) as stage:
+        report.file_bytes = (in_bytes, sum(p.stat().st_size for p in stage.files))
+        status = 0
+        check_rows = None
+        skipped = None
+        if args.check:
+            progress.stage("checking with onnxruntime")
+            try:
+                check_rows = pipeline.compare_outputs(str(source), str(stage.path), shapes)
+            except pipeline.CheckSkipped as e:
+                skipped = str(e)
+            status = 0 if check_rows is None or all(r["ok"] for r in check_rows) else 1
+        if not args.quiet:
+            print(report.table(explain=args.explain))
+        if skipped:
+            print(f"check skipped: {skipped}")
+        for r in check_rows or []:
             verdict = "ok" if r["ok"] else "DIFFERENT"
-            print(f"check {r['output']}: max |IN - OUT| = {r['max_abs_error']:.3g} "
-                  f"(tolerance {r['tolerance']:.3g}) {verdict}")
-    if args.report:
-        data = report.to_dict()
-        data.update(input=str(source), output=str(target), check=check_rows, warnings=warnings)
-        tmp = Path(args.report).with_name(Path(args.report).name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, args.report)
+            detail = r.get("error") or (f"max |IN - OUT| = {r['max_abs_error']:.3g} "
+                                        f"(tolerance {r['tolerance']:.3g})")
+            print(f"check {r['output']}: {detail} {verdict}")
+        if args.report:
+            data = report.to_dict()
+            data.update(input=str(source), output=str(target) if status == 0 else None, check=check_rows,
+                        check_skipped=skipped, warnings=warnings)
+            tmp = Path(args.report).with_name(Path(args.report).name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=2))
+            os.replace(tmp, args.report)
+            _placed.append(Path(args.report))
+        if status:
+            print(f"check FAILED: {target} not written", file=sys.stderr)
+            return status
+        _placed.extend(stage.commit())
     if not args.quiet:
-        print(f"wrote {target}" + ("" if status == 0 else " (check FAILED)"))
+        print(f"wrote {target}")
     return status
 
 
@@ -266,7 +275,8 @@ def _compile(args) -> int:
     shapes = pipeline.parse_input_shapes(args.input_shape)
     pipeline.check_writable(target)
     model = pipeline.load(source)
-    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, rules=args.rules,
+    pipeline.check_input_shapes(model, shapes)
+    model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, rules=args.rules, isolate=True,
                                       warn=lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     try:

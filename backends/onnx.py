@@ -25,7 +25,8 @@ from ..passes import onnx_rewrites
 from ..passes.report import FusionReport
 from ..patterns import rules as R
 
-__all__ = ["InputError", "load", "optimize", "optimize_onnx", "save", "compare_outputs", "MIN_OPSET"]
+__all__ = ["InputError", "CheckSkipped", "load", "optimize", "optimize_onnx", "save", "staged", "compare_outputs",
+           "MIN_OPSET"]
 
 MIN_OPSET = 11
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -89,23 +90,102 @@ def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def simplify(proto: onnx.ModelProto, warn: Callable[[str], None]) -> onnx.ModelProto:
-    """onnxsim's constant folding and shape inference; on any failure warn once and keep the model."""
+def simplify(proto: onnx.ModelProto, warn: Callable[[str], None], isolate: bool = False) -> onnx.ModelProto:
+    """onnxsim's constant folding and shape inference; on any failure warn once and keep the model.
+
+    Initializers that are also graph inputs (overridable defaults) are handed to onnxsim as plain
+    inputs, so it neither folds nor removes them, and restored afterwards.  `isolate`: run onnxsim
+    in a forked child, so that Ctrl-C stops it at once (its C++ core holds off Python's signal
+    handling for as long as it runs) and a crash in it is only a warning."""
     try:
         import onnxsim
     except ImportError:
         warn("onnxsim is not installed (pip install 'repfuse[onnx]'); continuing without simplification")
         return _infer_shapes(proto)
+    inputs = {i.name for i in proto.graph.input}
+    defaults = [t for t in proto.graph.initializer if t.name in inputs]
     try:
-        with _quiet_native_output():
-            simplified, ok = onnxsim.simplify(proto)
+        if isolate and hasattr(os, "fork"):
+            simplified, ok = _simplify_in_child(proto, defaults)
+        else:
+            simplified, ok = _simplify(onnxsim, proto, defaults)
         if ok:
-            return simplified
-        warn("onnxsim could not validate its result; continuing without simplification")
+            kept = {i.name for i in simplified.graph.input}
+            if all(t.name in kept for t in defaults):
+                simplified.graph.initializer.extend(defaults)
+                return simplified
+            warn("onnxsim dropped an overridable input; continuing without simplification")
+        else:
+            warn("onnxsim could not validate its result; continuing without simplification")
+    except KeyboardInterrupt:
+        raise
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warn(f"onnxsim failed ({reason}); continuing without simplification")
     return _infer_shapes(proto)
+
+
+def _simplify(onnxsim, proto: onnx.ModelProto, defaults: list) -> tuple[onnx.ModelProto, bool]:
+    if defaults:  # a copy without them: the caller's model is never modified
+        names = {t.name for t in defaults}
+        proto = _without_initializers(proto, names)
+    with _quiet_native_output():
+        return onnxsim.simplify(proto)
+
+
+def _without_initializers(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    rest = [t for t in copy.graph.initializer if t.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(rest)
+    return copy
+
+
+def _simplify_in_child(proto: onnx.ModelProto, defaults: list) -> tuple[onnx.ModelProto, bool]:
+    """onnxsim in a forked child (it inherits `proto`); the result comes back serialized through a pipe."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            import onnxsim
+
+            model = proto
+            if defaults:  # the child's copy: edit it in place
+                rest = [t for t in model.graph.initializer if t.name not in {d.name for d in defaults}]
+                del model.graph.initializer[:]
+                model.graph.initializer.extend(rest)
+            simplified, ok = onnxsim.simplify(model)
+            send.send_bytes((b"1" if ok else b"0") + simplified.SerializeToString())
+        except BaseException as e:  # noqa: BLE001 - reported to the parent as a failure
+            send.send_bytes(b"E" + (str(e).strip().splitlines() or [type(e).__name__])[0].encode())
+
+    process = ctx.Process(target=child, daemon=True)
+    process.start()
+    send.close()
+    try:
+        while not receive.poll(0.05):
+            if not process.is_alive() and not receive.poll(0):
+                raise RuntimeError(f"onnxsim crashed (exit code {process.exitcode})")
+        data = receive.recv_bytes()
+    except EOFError:
+        raise RuntimeError(f"onnxsim crashed (exit code {process.exitcode})") from None
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receive.close()
+    if data[:1] == b"E":
+        raise RuntimeError(data[1:].decode(errors="replace"))
+    return onnx.load_from_string(data[1:]), data[:1] == b"1"
 
 
 @contextlib.contextmanager
@@ -158,10 +238,11 @@ def rule_set(disable=(), enable=()) -> frozenset[str]:
 
 def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] | None = None,
              progress: Callable[[str, int, int], None] | None = None,
-             rules: frozenset[str] | None = None) -> tuple[ir.Model, FusionReport]:
+             rules: frozenset[str] | None = None, isolate: bool = False) -> tuple[ir.Model, FusionReport]:
     """Run the pipeline on a loaded model (ModelProto or onnx_ir Model); returns the optimized
     onnx_ir Model and its report.  `rules`: the patterns.rules names to run (default: those on
-    by default).  Nothing is checked or written yet: see `to_proto` and `save`."""
+    by default); `isolate`: onnxsim in a child process (prompt Ctrl-C).  Nothing is checked or
+    written yet: see `to_proto` and `save`."""
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     rules = R.enabled() if rules is None else frozenset(rules)
     check_opset(model)
@@ -169,10 +250,14 @@ def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] 
         if _tensor_bytes(model) <= _SIMPLIFY_LIMIT:
             model = ir.serde.serialize_model(model)
         else:
-            warn("model is too large for onnxsim and shape inference (protobuf limit); fusing as it is")
+            warn("model is too large for onnxsim (protobuf limit); fusing without simplification")
+            try:  # onnx_ir infers shapes with the large weights left out of the protobuf
+                ir.passes.common.ShapeInferencePass()(model)
+            except Exception:  # shapes are a help, not a requirement
+                pass
     if isinstance(model, onnx.ModelProto):
         before = _proto_stats(model)
-        proto = simplify(model, warn) if simplify_first else _infer_shapes(model)
+        proto = simplify(model, warn, isolate) if simplify_first else _infer_shapes(model)
         model = ir.serde.deserialize_model(proto)
         before.macs = onnxpass.graph_stats(model).macs  # simplification leaves convs and their shapes alone
     else:
@@ -225,54 +310,142 @@ def check_writable(out: str | os.PathLike) -> None:
         raise InputError(f"{out}: cannot write: permission denied")
 
 
+class Staged:
+    """A model written into a temporary folder beside its destination (see `staged`)."""
+
+    def __init__(self, folder: Path, out: Path, external: bool):
+        self.out = out
+        self.path = folder / out.name  # the written model, runnable where it is
+        self.data = folder / (out.name + ".data") if external else None
+        self.placed: list[Path] = []
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for p in (self.data, self.path) if p is not None]
+
+    def commit(self) -> list[Path]:
+        """Move the files into place (data file first, model last); returns the placed paths."""
+        for p in self.files:
+            os.replace(p, self.out.parent / p.name)
+            self.placed.append(self.out.parent / p.name)
+        return self.placed
+
+
+@contextlib.contextmanager
+def staged(model: ir.Model, out: str | os.PathLike, *, external_data: bool = False):
+    """Check and write `model` into a temporary folder beside `out`; yields a `Staged`.  Nothing is
+    at `out` until `commit()`; the folder and anything not committed are removed on exit, also on
+    an error or Ctrl-C.  Weights go to `<out>.data` when asked, or when the model would not fit one
+    protobuf."""
+    out = Path(out)
+    check_writable(out)
+    external = external_data or _tensor_bytes(model) > _SIMPLIFY_LIMIT
+    try:
+        folder = tempfile.mkdtemp(dir=out.parent if str(out.parent) else ".", prefix=".repfuse-")
+    except OSError as e:
+        raise InputError(f"{out}: cannot write: {e.strerror or e}") from None
+    try:
+        stage = Staged(Path(folder), out, external)
+        try:
+            if external:
+                ir.save(model, stage.path, external_data=stage.data.name)
+                onnx.checker.check_model(str(stage.path))
+            else:
+                onnx.save(to_proto(model), str(stage.path))
+        except OSError as e:
+            raise InputError(f"{out}: cannot write: {e.strerror or e}") from None
+        yield stage
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool = False) -> list[Path]:
     """Check and write atomically: into a temporary folder beside `out`, then rename into place.
 
     Weights go to `<out>.data` beside the model when asked, or when the model
     would not fit one protobuf.  Returns the files written.
     """
-    out = Path(out)
-    check_writable(out)
-    external = external_data or _tensor_bytes(model) > _SIMPLIFY_LIMIT
-    data_name = out.name + ".data"
-    written = []
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".repfuse-") as tmp:
-        tmp_model = Path(tmp) / out.name
-        try:
-            if external:
-                ir.save(model, tmp_model, external_data=data_name)
-                onnx.checker.check_model(str(tmp_model))
-            else:
-                onnx.save(to_proto(model), str(tmp_model))
-        except OSError as e:
-            raise InputError(f"{out}: cannot write: {e.strerror or e}") from None
-        if external:
-            os.replace(Path(tmp) / data_name, out.parent / data_name)
-            written.append(out.parent / data_name)
-        os.replace(tmp_model, out)
-        written.append(out)
-    return written
+    with staged(model, out, external_data=external_data) as stage:
+        return stage.commit()
 
 
 # ---------------------------------------------------------------- numeric check
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+                "tensor(int8)": np.int8, "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32,
+                "tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+_ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+class CheckSkipped(Exception):
+    """--check cannot run for a reason that is not the user's mistake (e.g. custom-domain ops)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
-    """['x:1,3,224,224', ...] -> {'x': [1, 3, 224, 224]}."""
+    """['x:1,3,224,224', ...] -> {'x': [1, 3, 224, 224]}; 'x:' is a scalar."""
     shapes = {}
     for spec in specs or []:
         name, sep, dims = spec.rpartition(":")
         try:
             if not sep or not name:
                 raise ValueError
-            shapes[name] = [int(d) for d in dims.split(",")]
+            shapes[name] = [int(d) for d in dims.split(",")] if dims.strip() else []
+            if any(d <= 0 for d in shapes[name]):
+                raise ValueError
         except ValueError:
-            raise InputError(f"--input-shape {spec!r}: expected NAME:D1,D2,... (e.g. input:1,3,224,224)") from None
+            raise InputError(f"--input-shape {spec!r}: expected NAME:D1,D2,... with positive sizes "
+                             "(e.g. input:1,3,224,224)") from None
     return shapes
+
+
+def declared_inputs(model) -> dict[str, list | None]:
+    """The runtime inputs (not initializers) and their declared dims (int, or None when dynamic);
+    None for an input of unknown rank."""
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model), load_external_data=False)
+    out: dict[str, list | None] = {}
+    if isinstance(model, onnx.ModelProto):
+        inits = {t.name for t in model.graph.initializer}
+        for v in model.graph.input:
+            if v.name in inits:
+                continue
+            t = v.type.tensor_type
+            out[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                           for d in t.shape.dim] if t.HasField("shape") else None
+    else:
+        for v in model.graph.inputs:
+            if v.const_value is None:
+                out[v.name] = None if v.shape is None else [d if isinstance(d, int) else None for d in v.shape]
+    return out
+
+
+def check_input_shapes(model, shapes: dict[str, list[int]]) -> None:
+    """--input-shape must name runtime inputs and fit their rank and static sizes: InputError otherwise."""
+    if not shapes:
+        return
+    declared = declared_inputs(model)
+    unknown = sorted(set(shapes) - set(declared))
+    if unknown:
+        raise InputError(f"--input-shape names unknown inputs: {', '.join(unknown)} "
+                         f"(the model's inputs: {', '.join(declared) or 'none'})")
+    for name, given in shapes.items():
+        dims = declared[name]
+        if dims is None:
+            continue
+        shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+        if len(dims) != len(given):
+            raise InputError(f"--input-shape {name}: gives {len(given)} dims; the input has rank {len(dims)} {shown}")
+        for i, (d, g) in enumerate(zip(dims, given)):
+            if d is not None and d != g:
+                raise InputError(f"--input-shape {name}: dim {i} is {g}, but the model fixes it at {d} {shown}")
 
 
 def _concrete_shape(shape, given: list[int] | None) -> list[int]:
@@ -292,26 +465,31 @@ def _concrete_shape(shape, given: list[int] | None) -> list[int]:
     return dims
 
 
-def random_feeds(path: str, input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict:
-    """Random inputs for every graph input of the model at `path` (sizes as in _concrete_shape)."""
-    session = _session(path)
+def random_feeds(path: str, input_shapes: dict[str, list[int]] | None = None, seed: int = 0,
+                 session=None) -> dict:
+    """Random inputs for every runtime input of the model at `path` (sizes as in _concrete_shape):
+    floats standard normal, ints in [0, 4), bools at random."""
+    session = session or _session(path)
     shapes = input_shapes or {}
-    unknown = set(shapes) - {i.name for i in session.get_inputs()}
-    if unknown:
-        raise InputError(f"--input-shape names unknown inputs: {', '.join(sorted(unknown))}")
+    proto = onnx.load(str(path), load_external_data=False)
+    declared = declared_inputs(proto)
+    check_input_shapes(proto, shapes)
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in session.get_inputs():
         dtype = _NUMPY_TYPES.get(spec.type)
         if dtype is None:
             raise InputError(f"--check: input {spec.name} has type {spec.type}, which the check cannot generate")
-        dims = _concrete_shape(spec.shape, shapes.get(spec.name))
+        dims = declared.get(spec.name, spec.shape)
+        if dims is None and spec.name not in shapes:
+            raise InputError(f"--check: input {spec.name} has no declared shape; give --input-shape {spec.name}:D1,...")
+        dims = _concrete_shape(dims or [], shapes.get(spec.name))
         if np.issubdtype(dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(dims).astype(dtype)
+            feeds[spec.name] = np.asarray(rng.standard_normal(dims), dtype)
         elif dtype is np.bool_:
-            feeds[spec.name] = rng.random(dims) > 0.5
+            feeds[spec.name] = np.asarray(rng.random(dims) > 0.5)
         else:
-            feeds[spec.name] = rng.integers(0, 10, dims).astype(dtype)
+            feeds[spec.name] = np.asarray(rng.integers(0, 4, dims), dtype)
     return feeds
 
 
@@ -331,6 +509,11 @@ def run_onnxruntime(path: str, feeds: dict) -> tuple[list[str], list[np.ndarray]
     return [o.name for o in session.get_outputs()], session.run(None, feeds)
 
 
+def _custom_ops(path: str) -> list[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in _ORT_DOMAINS})
+
+
 def compare(names: list[str], reference: list[np.ndarray], candidate: list[np.ndarray]) -> list[dict]:
     """One row per output: max abs error against a tolerance relative to the reference's scale."""
     rows = []
@@ -346,8 +529,32 @@ def compare(names: list[str], reference: list[np.ndarray], candidate: list[np.nd
 
 def compare_outputs(reference: str, candidate: str, input_shapes: dict[str, list[int]] | None = None,
                     seed: int = 0) -> list[dict]:
-    """Run both ONNX files in onnxruntime on the same random inputs; one row per output."""
-    feeds = random_feeds(reference, input_shapes, seed)
-    names, ref = run_onnxruntime(reference, feeds)
-    _, out = run_onnxruntime(candidate, feeds)
+    """Run both ONNX files in onnxruntime on the same random inputs; one row per output.
+
+    IN that onnxruntime cannot load because of custom-domain ops: CheckSkipped.  IN that it cannot
+    load or run otherwise: InputError (the check cannot run).  OUT that it cannot load or run while
+    IN runs: a failed row (repfuse's fault, never the user's).  One model is loaded at a time."""
+    try:
+        session = _session(reference)
+    except InputError:
+        raise
+    except Exception as e:
+        custom = _custom_ops(reference)
+        if custom:
+            raise CheckSkipped(f"onnxruntime cannot run custom-domain ops ({', '.join(custom[:3])})") from None
+        raise InputError(f"--check: onnxruntime cannot load the input model: {_first_line(e)}") from None
+    feeds = random_feeds(reference, input_shapes, seed, session=session)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        ref = session.run(None, feeds)
+    except Exception as e:
+        shapes = ", ".join(f"{k}:{','.join(map(str, v.shape))}" for k, v in feeds.items())
+        raise InputError(f"--check: onnxruntime cannot run the input model on random inputs ({shapes}); "
+                         f"give --input-shape? {_first_line(e)}") from None
+    del session
+    try:
+        _, out = run_onnxruntime(candidate, feeds)
+    except Exception as e:
+        return [{"output": n, "max_abs_error": float("inf"), "tolerance": 0.0, "ok": False, "shape": [],
+                 "error": f"onnxruntime cannot run the optimized model: {_first_line(e)}"} for n in names]
     return compare(names, ref, out)

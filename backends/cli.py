@@ -301,10 +301,6 @@ def _compile(args) -> int:
     return status
 
 
-def _data_path(model_path: Path) -> Path:
-    return model_path.with_name(model_path.name + ".data")
-
-
 def _data_bytes(model_path: Path) -> int:
     """Bytes of the external data files the model refers to (best effort)."""
     total = 0

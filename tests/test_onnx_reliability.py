@@ -110,7 +110,10 @@ def test_initializer_input_decline_is_reported(tmp_path, capsys):
     onnx.save(conv_bn(weight_is_input=True), str(src))
     assert main(["optimize", str(src), "-o", str(out), "--check", "--explain"]) == 0
     assert "graph input (overridable default)" in capsys.readouterr().out
-    assert op_types(onnx.load(str(out))) == ["Conv", "BatchNormalization"]
+    fused = onnx.load(str(out))  # through the CLI's onnxsim child too
+    assert op_types(fused) == ["Conv", "BatchNormalization"]
+    override = np.random.default_rng(2).standard_normal((4, 4, 3, 3)).astype(np.float32)
+    assert_same(fused, onnx.load(str(src)), {**x_feed(), "w": override})
 
 
 def test_initializer_input_in_elementwise_and_constant_folding():

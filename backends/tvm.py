@@ -30,17 +30,39 @@ __all__ = ["RepFuse", "fuse_module", "pipeline", "PIPELINE_NAME"]
 PIPELINE_NAME = "repfuse"
 
 
-@tvm.transform.module_pass(opt_level=0, name="RepFuse")
-class RepFuse:
+def _names(names, what: str) -> tuple[str, ...]:
+    """Rule names given as one string or an iterable of strings (TypeError, one line, otherwise)."""
+    if isinstance(names, str):
+        return (names,)
+    try:
+        names = None if isinstance(names, tvm.IRModule) else tuple(names)
+    except Exception:  # noqa: BLE001 - whatever iterating it raised, it is not a list of names
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"repfuse: {what}= takes rule names ({', '.join(rules.NAMES)}); "
+                        f"to fuse a module, call RepFuse()(mod)")
+    return names
+
+
+def _check_module(mod) -> None:
+    if not isinstance(mod, tvm.IRModule):
+        raise TypeError(f"repfuse: expected a tvm.IRModule, got {type(mod).__name__} (convert a torch model with "
+                        f"tvm.relax.frontend.torch.from_exported_program, an ONNX model with "
+                        f"tvm.relax.frontend.onnx.from_onnx)")
+
+
+class _RepFuse:
     """Run repfuse's rules (repfuse.patterns.rules) on every Relax function: constant folding,
     branch merging into one conv (+ bias add) per affine region, dynamic-conv aggregation and
     dead-channel removal.  `disable` / `enable` switch rules by name (unknown names raise ValueError).
+    Parameters must be bound (relax.transform.BindParams); ops reading unbound ones are left alone,
+    and the "affine" report row says so.
 
     After a call, `last_report` holds one RuleRow per rule (summed over the functions),
     `last_runs` the per-function runs and `last_plans` the affine plans."""
 
     def __init__(self, disable=(), enable=()):
-        self.disable, self.enable = tuple(disable), tuple(enable)
+        self.disable, self.enable = _names(disable, "disable"), _names(enable, "enable")
         self.rules = rules.enabled(self.disable, self.enable)  # unknown names fail here
         self.last_plans: dict[str, object] = {}
         self.last_runs: dict[str, object] = {}
@@ -52,11 +74,20 @@ class RepFuse:
         return mod
 
 
+class RepFuse(tvm.transform.module_pass(opt_level=0, name="RepFuse")(_RepFuse)):
+    __doc__ = _RepFuse.__doc__
+
+    def __call__(self, mod):
+        _check_module(mod)  # one clear line, not TVM's FFI type error
+        return super().__call__(mod)
+
+
 def fuse_module(mod: tvm.IRModule, disable=(), enable=(), *,
                 runs: dict | None = None) -> tuple[tvm.IRModule, list[RuleRow]]:
     """(the fused module, one RuleRow per rule, in patterns.rules order); the same module object when
     nothing applied.  `runs`, when given, receives each function's RelaxRun by name."""
-    enabled = rules.enabled(disable, enable)
+    _check_module(mod)
+    enabled = rules.enabled(_names(disable, "disable"), _names(enable, "enable"))
     runs = {} if runs is None else runs
     runs.clear()
     updates = {}
@@ -94,7 +125,12 @@ def _inner_for(target) -> tvm.transform.Pass:
 def pipeline(inner: str | tvm.transform.Pass | None = None, disable=(), enable=()) -> tvm.transform.Pass:
     """RepFuse(disable, enable) followed by `inner` (a pipeline name or pass; default: the target's
     default pipeline)."""
+    disable, enable = _names(disable, "disable"), _names(enable, "enable")
     rules.enabled(disable, enable)  # unknown names fail here, not at build time
+    if isinstance(inner, str) and inner not in relax.pipeline.PIPELINE_MAP:
+        raise ValueError(f"repfuse: unknown Relax pipeline {inner!r}; known: {', '.join(relax.pipeline.PIPELINE_MAP)}")
+    if inner is not None and not isinstance(inner, (str, tvm.transform.Pass)):
+        raise TypeError(f"repfuse: inner= takes a pipeline name or a tvm.transform.Pass, got {type(inner).__name__}")
 
     @tvm.transform.module_pass(opt_level=0, name="repfuse_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -66,11 +66,27 @@ def _scalar(arg) -> float | None:
 
 
 def _same_dim(a, b) -> bool:
-    """Two shape entries that are provably equal (equal ints, or the same symbolic expression)."""
+    """Two shape entries that are provably equal (equal ints, or symbolic expressions equal for every value)."""
     sa, sb = _static(a), _static(b)
     if sa is not None or sb is not None:
         return sa == sb
-    return a.same_as(b) or tvm.ir.structural_equal(a, b)
+    if a.same_as(b):
+        return True
+    analyzer = getattr(getattr(tvm, "sym", None), "Analyzer", None) or getattr(getattr(tvm, "arith", None),
+                                                                            "Analyzer", None)
+    try:  # tvm.sym since TVM 0.27 (tvm.arith before)
+        return analyzer is not None and bool(analyzer().can_prove_equal(a, b))
+    except Exception:  # noqa: BLE001 - unprovable is "not the same"
+        return False
+
+
+def _same_shape(a, b) -> bool:
+    """Two vars' tensor types with provably equal shapes and equal dtypes."""
+    ta, tb = _type(a), _type(b)
+    if not all(isinstance(t, relax.TensorType) and hasattr(getattr(t, "shape", None), "values") for t in (ta, tb)):
+        return False
+    da, db = list(ta.shape.values), list(tb.shape.values)
+    return str(ta.dtype) == str(tb.dtype) and len(da) == len(db) and all(map(_same_dim, da, db))
 
 
 class RelaxView:
@@ -128,8 +144,8 @@ class RelaxView:
         return shape[1], len(shape) - 2
 
     def describe(self, var: relax.Var):
-        expr = self.bound[var]
-        if self.const(var) is not None:
+        expr = self.bound.get(var)
+        if expr is None or self.const(var) is not None:  # a function parameter, or a constant
             return None
         if isinstance(expr, relax.TupleGetItem):
             return self._tuple_get_item(expr)
@@ -247,7 +263,7 @@ class RelaxView:
         ca, cb = self.const(a), self.const(b)
         if ca is None and cb is None:
             if kind in ("add", "sub"):
-                if self._shape(a) != self._shape(b) or self._shape(a)[0] is None:
+                if not _same_shape(a, b):
                     raise Declined("operands of different or unknown shapes (broadcasting)")
                 return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
             return self._scaled(call, a, b) if kind == "mul" else None
@@ -472,22 +488,31 @@ def _direct_args(expr) -> list:
 
 # ---------------------------------------------------------------- rewriting
 
-def _fused_expr(op: A.AffineConv, source: relax.Expr, dtype: str) -> tuple[relax.Expr, relax.Expr]:
-    """(the conv / matmul call, the bias constant shaped to broadcast over it)."""
-    w = relax.const(op.weight.astype(dtype))
+def affine_expr(emit, op: A.AffineConv, source: relax.Expr, dtype: str) -> relax.Expr:
+    """An AffineConv as Relax, its last call left for the caller to bind (`emit` binds the others):
+    conv2d / conv1d + bias add; a rank-0 op as its `affine.linear_steps` (matmul with W.T + bias, or
+    multiply / add by [C] constants: matmul has no groups)."""
+    def const(a):
+        return relax.const(np.ascontiguousarray(a.astype(dtype)), dtype)
+
     if op.rank == 0:
-        body = relax.op.matmul(source, relax.const(op.weight.T.astype(dtype)))  # [N, I] @ [I, O]
-        return body, relax.const(op.bias.astype(dtype).reshape(1, -1))
+        steps = A.linear_steps(op)
+        if steps[0][0] == "linear":  # [N, I] @ [I, O] + b
+            steps = [("matmul", steps[0][1].T)] + ([("add", op.bias)] if np.any(op.bias) else [])
+        make = {"matmul": relax.op.matmul, "mul": relax.op.multiply, "add": relax.op.add}
+        expr = source
+        for i, (kind, value) in enumerate(steps):
+            expr = make[kind](emit(expr) if i else expr, const(value))
+        return expr
     pads = [p[0] for p in op.pads] + [p[1] for p in op.pads]
-    if op.rank == 2:
-        body = relax.op.nn.conv2d(source, w, strides=list(op.stride), padding=pads, dilation=list(op.dilation),
-                                  groups=op.groups)
-    elif op.rank == 1:
-        body = relax.op.nn.conv1d(source, w, strides=list(op.stride), padding=pads, dilation=list(op.dilation),
-                                  groups=op.groups)
-    else:
+    if op.rank not in (1, 2):
         raise Declined("only 1-D and 2-D convolutions are emitted for Relax")
-    return body, relax.const(op.bias.astype(dtype).reshape((1, -1) + (1,) * op.rank))
+    conv = relax.op.nn.conv2d if op.rank == 2 else relax.op.nn.conv1d
+    body = conv(source, const(op.weight), strides=list(op.stride), padding=pads, dilation=list(op.dilation),
+                groups=op.groups)
+    if not np.any(op.bias):
+        return body
+    return relax.op.add(emit(body), const(op.bias.reshape((1, -1) + (1,) * op.rank)))
 
 
 @relax.expr_functor.mutator
@@ -508,12 +533,7 @@ class _Rewriter(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         source = self.visit_expr(region.source)
-        dtype = str(_type(var).dtype)
-        body, bias = _fused_expr(region.op, source, dtype)
-        if not np.any(region.op.bias):
-            expr = body
-        else:
-            expr = relax.op.add(self.builder_.emit(body), bias)
+        expr = affine_expr(self.builder_.emit, region.op, source, str(_type(var).dtype))
         if isinstance(var, relax.DataflowVar):
             new = self.builder_.emit(expr)
         else:
@@ -522,14 +542,15 @@ class _Rewriter(relax.PyExprMutator):
 
 
 def _already_canonical(view: RelaxView, region) -> bool:
-    """conv/matmul + constant add is what we would emit: rewriting it changes nothing."""
+    """op + constant add is what we would emit (op: conv/matmul, or a per-channel multiply as dead_channels
+    emits one): rewriting it changes nothing.  An add of two tensors (a residual) is not that."""
     if len(region.nodes) != 2:
         return False
     first, second = (view.bound[v] for v in region.nodes)
-    if _op_name(first) == "relax.multiply" and _op_name(second) == "relax.add":
-        return True  # a per-channel scale and shift (as dead_channels emits one): cheaper than a depthwise conv
-    return _op_name(first) in ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul") and \
-        _op_name(second) == "relax.add"
+    if _op_name(second) != "relax.add" or not any(a.same_as(region.nodes[0]) for a in second.args) or \
+            all(view.const(a) is None for a in second.args):
+        return False
+    return _op_name(first) in ("relax.multiply", "relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul")
 
 
 def fuse_function(mod: tvm.IRModule, func: relax.Function) -> tuple[relax.Function, Plan]:

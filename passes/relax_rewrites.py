@@ -121,6 +121,15 @@ def _static_shape(var) -> list[int] | None:
     return None if shape is None or None in shape else shape
 
 
+def _dims(var) -> list | None:
+    """A tensor var's shape: ints where static, the symbolic PrimExprs elsewhere; None when unknown."""
+    ty = rx._type(var)
+    values = getattr(getattr(ty, "shape", None), "values", None) if isinstance(ty, relax.TensorType) else None
+    if values is None:
+        return None
+    return [d if rx._static(d) is None else rx._static(d) for d in values]
+
+
 # ---------------------------------------------------------------- constant_folding
 
 def fold_constants(mod, func: relax.Function, run: RelaxRun) -> relax.Function | None:
@@ -167,6 +176,10 @@ def _layout_of_constant(view: rx.RelaxView, expr) -> bool:
 def fuse_affine(mod, func: relax.Function, run: RelaxRun) -> relax.Function | None:
     new, plan = rx.fuse_function(mod, func)
     run.declined += [(_name(k), r) for k, r in plan.declined.items()]
+    unbound = sum("BindParams" in r for r in plan.declined.values())
+    if unbound:
+        run.rules["affine"].add(0, f"{unbound} ops read unbound parameters, left alone "
+                                   f"(bind them with relax.transform.BindParams)")
     if new is func:
         return None
     run.plans.append(plan)
@@ -223,14 +236,13 @@ class _FusedView:
 
 def _affine_expr(w: _Writer, op: A.AffineConv, x: relax.Expr, dtype: str) -> relax.Expr:
     """An AffineConv as Relax: per-channel ops as multiply + add with [1, C, 1, ...] constants, the rest as
-    conv2d / conv1d / matmul + bias add (what the affine rule writes)."""
+    the affine rule writes them (`relax.affine_expr`)."""
     per = op.per_channel()
     if per is not None and op.rank > 0:
         shape = (1, -1) + (1,) * op.rank  # [1, C, 1, ...]
         scaled = w.let(relax.op.multiply(x, relax.const(per[0].reshape(shape).astype(dtype))))
         return relax.op.add(scaled, relax.const(per[1].reshape(shape).astype(dtype)))
-    body, bias = rx._fused_expr(op, x, dtype)
-    return relax.op.add(w.let(body), bias) if np.any(op.bias) else body
+    return rx.affine_expr(w.let, op, x, dtype)
 
 
 # ---------------------------------------------------------------- dynamic_conv
@@ -256,20 +268,26 @@ def aggregate_dynamic(mod, func: relax.Function, run: RelaxRun) -> relax.Functio
 
 
 def _dynamic_precondition(region: DynamicRegion) -> str | None:
+    if region.static.rank == 0:
+        return ("a dynamic linear has no spatial positions to share the per-sample weights: aggregating them "
+                "costs more than the linears it replaces")
     if region.static.rank not in (1, 2):
         return "only 1-D and 2-D dynamic convolutions are emitted for Relax"
-    x, out = _static_shape(region.source), _static_shape(region.root)
-    if x is None or out is None or any(_static_shape(s) is None for s in region.scales):
-        return "symbolic batch or spatial size (the per-sample kernels are laid out for a static batch)"
-    if x[0] != out[0] or any(_static_shape(s)[0] != x[0] for s in region.scales):
+    x, out, scales = _dims(region.source), _dims(region.root), [_dims(s) for s in region.scales]
+    if x is None or out is None or None in scales:
+        return "attention or input shape unknown"
+    if not all(isinstance(d, int) for d in x[:2] + out[:2] + [s[0] for s in scales]):
+        return "symbolic batch size (the per-sample kernels are laid out as groups of a static batch)"
+    if x[0] != out[0] or any(s[0] != x[0] for s in scales):
         return "attention and input batch sizes differ"
     return None
 
 
 def _dynamic_expr(w: _Writer, region: DynamicRegion) -> relax.Expr:
-    """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g)."""
+    """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g); the
+    spatial sizes may be symbolic."""
     dtype = _dtype(region.root)
-    x_shape, out_shape = _static_shape(region.source), _static_shape(region.root)
+    x_shape, out_shape = _dims(region.source), _dims(region.root)
     n, c = x_shape[:2]
     static = region.static
     K, O = region.biases.shape

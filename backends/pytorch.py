@@ -1,8 +1,8 @@
 """PyTorch entry points: `repfuse.deploy` and the `torch.compile(backend="repfuse")` backend.
 
-deploy() captures the model with dynamo (torch._dynamo.export: torch-level ops,
-parameters as attributes), fuses it once, and returns a standalone GraphModule
-whose fused weights are ordinary parameters.
+deploy() captures the model with torch.export (aten ops, every input dim dynamic where
+the model allows, size guards kept), fuses it once, and returns a standalone GraphModule
+whose fused weights are ordinary parameters and whose first op checks the input sizes.
 
 The torch.compile backend must not bake weights in: dynamo hands parameters in
 as graph inputs and does not guard on their identity or contents, so one
@@ -29,7 +29,7 @@ from ..passes.fx_rewrites import run_rules
 
 log = logging.getLogger("repfuse")
 
-__all__ = ["deploy", "repfuse_backend", "TraceError", "compiled_graphs"]
+__all__ = ["deploy", "repfuse_backend", "TraceError", "ShapeGuardError", "compiled_graphs"]
 
 
 class TraceError(RuntimeError):
@@ -39,13 +39,17 @@ class TraceError(RuntimeError):
 # ---------------------------------------------------------------- deploy
 
 def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disable: Sequence[str] = (),
-           enable: Sequence[str] = ()) -> fx.GraphModule:
+           enable: Sequence[str] = (), dynamic_shapes: Any = None) -> fx.GraphModule:
     """The fused, inference-only form of `model` as a torch.fx.GraphModule.
 
-    The model is not modified (a copy is traced in eval mode).  The report is
-    at `result.meta["repfuse_report"]`; `explain=True` logs it, with the
-    reason for every op that was left alone.  `disable` / `enable` switch
-    rules by name (`repfuse.patterns.rules.RULES`; e.g. disable=["dead_channels"]).
+    The model is not modified (a copy is captured in eval mode with `torch.export.export`).
+    Every dim of every tensor input is dynamic unless the model fixes it (`Dim.AUTO`; pass
+    `dynamic_shapes` to choose yourself): the result is valid for every input size the
+    capture allows, and a call outside those sizes fails with `ShapeGuardError` naming the
+    assumption (an example dim of size 1 is fixed at 1).  The report is at
+    `result.meta["repfuse_report"]`; `explain=True` logs it, with the reason for every op
+    that was left alone.  `disable` / `enable` switch rules by name
+    (`repfuse.patterns.rules.RULES`; e.g. disable=["dead_channels"]).
     """
     from ..patterns.rules import enabled
 
@@ -55,7 +59,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     example_inputs = tuple(example_inputs)
     module = copy.deepcopy(model).eval()
     with torch.no_grad():
-        gm = _capture(module, example_inputs)
+        gm = _capture(module, example_inputs, dynamic_shapes)
         report = fxpass.fuse_graph_module(gm, rules=rules)
     gm.meta["repfuse_report"] = report
     if explain:
@@ -63,27 +67,140 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     return gm
 
 
-def _capture(module: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+def _capture(module: nn.Module, example_inputs: tuple, dynamic_shapes=None) -> fx.GraphModule:
+    """torch.export with every tensor dim dynamic where the model allows, as a plain picklable
+    GraphModule whose first op checks the input sizes against what the capture assumed."""
     name = type(module).__name__
+    if dynamic_shapes is None:
+        auto = torch.export.Dim.AUTO
+        dynamic_shapes = tuple(
+            {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None for t in example_inputs)
     shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = shapes_log.level
     shapes_log.setLevel(logging.ERROR)  # dynamic-shape solver chatter is not the user's concern
     try:
-        gm, _ = torch._dynamo.export(module, same_signature=True)(*example_inputs)
-    except Exception as e:  # dynamo reports unsupported code with many exception types
+        program = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # export reports unsupported code with many exception types
         raise TraceError(f"cannot trace {name}: {_trace_message(e)}") from None
     finally:
         shapes_log.setLevel(level)
-        torch._dynamo.reset()
+    unlifted = program.module()
+    graph = unlifted.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    guard = ShapeGuard.of(program, placeholders)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)  # export's own check is not picklable; ShapeGuard checks the same
+    unlifted._guards_fn = guard
+    with graph.inserting_after(placeholders[-1] if placeholders else next(iter(graph.nodes))):
+        graph.call_module("_guards_fn", tuple(placeholders))
+    graph._tracer_cls = None  # export's tracer cannot be rebuilt when the module is unpickled
+    gm = fx.GraphModule(unlifted, graph, class_name=name)  # no export hooks: picklable
+    gm.meta.update(unlifted.meta)
     return gm
 
 
+def _finite(bound) -> int | None:
+    """A range bound as an int; None for an infinite one (sympy's oo / torch's int_oo)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+class ShapeGuardError(AssertionError):
+    """A deployed model was called with an input size its capture did not allow."""
+
+
+class ShapeGuard(nn.Module):
+    """Checks a deployed model's inputs against what the capture assumed about their sizes:
+    static dims, dims that must be equal, symbolic ranges and export's own guards (a `forward`
+    that branches on a size).  Data only, so the deployed module pickles."""
+
+    _is_impure = True  # never removed as dead code
+
+    def __init__(self, names: list[str], dims: list[list], ranges: dict[str, tuple], guards: list[str]):
+        super().__init__()
+        self.names, self.dims, self.ranges, self.guards = names, dims, ranges, guards
+
+    @classmethod
+    def of(cls, program, placeholders: list[fx.Node]) -> "ShapeGuard":
+        names, dims = [], []
+        for node in placeholders:
+            val = node.meta.get("val")
+            names.append(str(node.target))
+            dims.append([d if isinstance(d, int) else str(d.node.expr) for d in val.shape]
+                        if isinstance(val, torch.Tensor) else None)
+        ranges = {}
+        for sym, vr in program.range_constraints.items():
+            ranges[str(sym)] = (_finite(vr.lower), _finite(vr.upper))
+        return cls(names, dims, ranges, list(getattr(program, "_guards_code", [])))
+
+    def forward(self, *args):
+        import sympy
+
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if torch.jit.is_tracing() or any(not isinstance(d, int) for t in tensors for d in t.shape):
+            return  # traced again (ONNX export, torch.export, torch.compile): the tracer keeps its own guards
+
+        env: dict[str, int] = {}
+        where: dict[str, str] = {}  # symbol -> the input dim that gave its value
+        for name, spec, arg in zip(self.names, self.dims, args):
+            if spec is None or not isinstance(arg, torch.Tensor):
+                continue
+            shape = tuple(arg.shape)
+            if len(shape) != len(spec):
+                raise ShapeGuardError(f"input {name!r} has {len(shape)} dims, the deployed model takes {len(spec)}")
+            for i, (want, got) in enumerate(zip(spec, shape)):
+                if isinstance(want, int):
+                    if got != want:
+                        raise ShapeGuardError(f"input {name!r} dim {i} is {got}; the deployed model was captured "
+                                              f"with it fixed at {want}")
+                elif want in self.ranges or want.isidentifier():
+                    if env.setdefault(want, got) != got:
+                        raise ShapeGuardError(f"input {name!r} dim {i} is {got} but must equal {where[want]}, "
+                                              f"which is {env[want]} (the capture tied them)")
+                    where.setdefault(want, f"input {name!r} dim {i}")
+        for sym, (low, high) in self.ranges.items():
+            v = env.get(sym)
+            # export assumes a dynamic size is >= 2 without depending on it; torch checks only larger minimums too
+            if v is not None and ((low is not None and low > 2 and v < low) or (high is not None and v > high)):
+                raise ShapeGuardError(f"{where[sym]} is {v}; the deployed model was captured for sizes in "
+                                      f"[{low}, {'inf' if high is None else high}] there")
+        for name, spec, arg in zip(self.names, self.dims, args):  # derived dims such as 2*s0
+            for i, want in enumerate(spec or ()):
+                if isinstance(want, str) and want not in env:
+                    expected = sympy.sympify(want).subs({sympy.Symbol(k): v for k, v in env.items()})
+                    if expected.is_number and int(expected) != arg.shape[i]:
+                        raise ShapeGuardError(f"input {name!r} dim {i} is {arg.shape[i]}, expected {want} = "
+                                              f"{int(expected)}")
+        scope = {f"L['{name}']": f"args[{i}]" for i, name in enumerate(self.names)}
+        for guard in self.guards:
+            code = guard
+            for k, v in scope.items():
+                code = code.replace(k, v)
+            if "L[" in code:
+                continue  # a nested input path: export checked it at capture; nothing to map it to
+            if not eval(code, {"math": __import__("math"), "torch": torch}, {"args": args}):
+                raise ShapeGuardError(f"the model was captured under the condition {guard.replace('L[', '[')}, "
+                                      "which these inputs break (its forward branches on an input size)")
+
+
 def _trace_message(e: BaseException) -> str:
+    """The first line of the tracer's error and the user's line that caused it."""
+    import os
+    import traceback
+
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
+    torch_dir = os.path.dirname(torch.__file__)
+    ours = tuple(os.path.dirname(os.path.abspath(f)) for f in (__file__, fxpass.__file__))
     where = ""
+    for frame in traceback.extract_tb(e.__traceback__):
+        if not frame.filename.startswith((torch_dir,) + ours) and "site-packages" not in frame.filename:
+            where = f'File "{frame.filename}", line {frame.lineno}, in {frame.name}'
     for line in text.splitlines():  # dynamo appends the user frame: File "...", line N, in forward
-        if line.strip().startswith("File ") and "site-packages/torch" not in line:
+        if not where and line.strip().startswith("File ") and "site-packages/torch" not in line:
             where = line.strip()
     return f"{first} ({where})" if where else first
 
@@ -98,18 +215,23 @@ def compiled_graphs() -> list["FusedGraph"]:
     return list(_COMPILED)
 
 
-def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None):
+BACKEND_OPTIONS = ("inner", "explain", "disable", "enable")
+
+
+def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+                    mode: str | None = None, **_unused):
     """torch.compile backend.  options: {"inner": "inductor" | "eager" | "tvm" | callable, "explain": bool,
-    "disable": [rule names], "enable": [rule names]} (rules: repfuse.patterns.rules.RULES)."""
+    "disable": [rule names], "enable": [rule names]} (rules: repfuse.patterns.rules.RULES).
+    `mode` (torch.compile's "default", "reduce-overhead", "max-autotune", ...) goes to inductor;
+    torch.compile takes mode or options, not both."""
     from ..patterns.rules import enabled
 
     options = dict(options or {})
-    inner = _inner_compiler(options.pop("inner", "inductor"))
+    inner = _inner_compiler(options.pop("inner", "inductor"), mode)
     explain = bool(options.pop("explain", False))
     rules = enabled(options.pop("disable", ()), options.pop("enable", ()))
     if options:
-        raise ValueError(f"repfuse backend: unknown options {sorted(options)} "
-                         "(known: inner, explain, disable, enable)")
+        raise ValueError(f"repfuse backend: unknown options {sorted(options)} (known: {', '.join(BACKEND_OPTIONS)})")
     reason = _not_inference(gm, example_inputs)
     if reason:
         log.info("repfuse: graph passed through unchanged: %s", reason)
@@ -123,13 +245,20 @@ def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     return fused
 
 
-def _inner_compiler(inner) -> Callable:
+def _inner_compiler(inner, mode: str | None = None) -> Callable:
     if callable(inner):
         return inner
     if inner == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx
+        if mode in (None, "default"):
+            return compile_fx
+        try:
+            patches = list_mode_options(mode)
+        except RuntimeError as e:
+            raise ValueError(f"repfuse backend: {e}") from None
+        return lambda gm, example_inputs: compile_fx(gm, example_inputs, config_patches=patches)
     if inner == "eager":
         return lambda gm, example_inputs: gm.forward
     if inner == "tvm":

@@ -20,7 +20,7 @@ from torch import fx
 from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Plan, Pointwise, Region, Scaled, Sum, padded, precision
+from ..patterns.planner import Affine, Concat, Plan, Pointwise, Scaled, Sum, padded, precision
 
 aten = torch.ops.aten
 
@@ -149,18 +149,25 @@ class FxView:
 
     def channels_and_rank(self, node: fx.Node):
         shape = node_shape(node)
-        if shape is None or len(shape) < 2 or _hint(shape[1]) is None:
+        if shape is None or len(shape) < 2 or _static(shape[1]) is None:
             return None
         dtype = node_dtype(node)
         if dtype is not None and not dtype.is_floating_point:
             return None
-        return _hint(shape[1]), len(shape) - 2
+        return _static(shape[1]), len(shape) - 2
 
     def describe(self, node: fx.Node):
         if self.const(node) is not None:
             return None  # parameter-only computation, folded where it is read
+        if not isinstance(node.meta.get("val", node.meta.get("example_value")), (torch.Tensor, type(None))):
+            return None  # size arithmetic (SymInt), not a tensor
         read = self._reader(node)
-        return None if read is None else read(node)
+        if read is None:
+            return None
+        try:
+            return read(node)
+        except (TypeError, ValueError) as e:  # a scalar or size known only at run time (symbolic)
+            raise Declined(f"an argument is not a constant ({e})") from None
 
     # -- constants
     def const(self, arg):
@@ -336,6 +343,10 @@ class FxView:
         if cr is None:
             raise Declined("input shape unknown")
         vals = [self.need_const(t, "BatchNorm statistics") for t in (mean, var, weight, bias)]
+        if self.const(eps) is None:
+            raise Declined("BatchNorm eps is a run-time input (torch.compile(dynamic=True) lifts module floats; "
+                           "torch._dynamo.config.specialize_float = True keeps them constant)")
+        eps = self.const(eps)
         return Affine(x, A.batchnorm(*[None if v is None else _np(v) for v in vals], float(eps), cr[1]))
 
     def _bn_functional(self, node):
@@ -444,13 +455,10 @@ class FxView:
         for u in node.users:
             if u.target is operator.setitem and u.args[0] is node:
                 writes.append((u.args[1], u.args[2], [u]))
-            elif u.target is aten.slice.Tensor and len(u.users) == 1:
-                copy = next(iter(u.users))
-                if copy.target is aten.copy_.default and copy.args[0] is u and not copy.users:
-                    dim, start, stop = (list(u.args[1:4]) + [0, None, None])[:3]
-                    index = [slice(None)] * (rank + 2)
-                    index[dim % (rank + 2)] = slice(start, None if stop is None or stop >= 2**62 else stop)
-                    writes.append((tuple(index), copy.args[1], [copy, u]))
+            elif u.target is aten.slice.Tensor:
+                write = _slice_copy(u, rank)
+                if write is not None:
+                    writes.append(write)
         if not writes:
             return None
         erased = [n for _, _, nodes in writes for n in nodes]
@@ -568,7 +576,7 @@ class FxView:
             return self._affine_elementwise(node, b, wb, wa * self._channel_const(node, b, ca))
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
             return None
-        if node_shape(a) is None or node_shape(a) != node_shape(b) or node_shape(node) != node_shape(a):
+        if not _same_shape(node_shape(a), node_shape(b)) or not _same_shape(node_shape(node), node_shape(a)):
             raise Declined("operands of different shapes (broadcasting)")
         if node.target in (operator.iadd, operator.isub) and len(a.users) > 1:
             raise Declined("in-place add on a tensor that is read elsewhere")
@@ -595,9 +603,9 @@ class FxView:
             return None
         for x, s in ((a, b), (b, a)):
             xs, ss = node_shape(x), node_shape(s)
-            if xs is None or ss is None or len(xs) != len(ss) or len(xs) < 2 or node_shape(node) != xs:
+            if xs is None or ss is None or len(xs) != len(ss) or len(xs) < 2 or not _same_shape(node_shape(node), xs):
                 continue
-            if ss[0] == xs[0] and all(_hint(d) == 1 for d in ss[1:]) and self.channels_and_rank(x):
+            if _same_shape(ss[:1], xs[:1]) and all(_static(d) == 1 for d in ss[1:]) and self.channels_and_rank(x):
                 return Scaled(x, s)
         return None
 
@@ -625,6 +633,26 @@ class FxView:
 
 def _np(t) -> np.ndarray:
     return torch.as_tensor(t).detach().to("cpu", torch.float64).numpy()
+
+
+def _static(d) -> int | None:
+    """A size that is the same for every input: an int, or a symbolic size the capture pinned to one value."""
+    if isinstance(d, int):
+        return d
+    try:
+        expr = d.node.expr  # with the shape environment's replacements applied
+        return int(expr) if expr.is_number else None
+    except Exception:
+        return None
+
+
+def _same_shape(a, b) -> bool:
+    """Equal for every input (not just the example): equal ints, or the same symbolic expressions.
+    Compares without asking the shape environment, so it adds no guard."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    key = lambda d: d if isinstance(d, int) else str(getattr(getattr(d, "node", None), "expr", d))  # noqa: E731
+    return all(key(x) == key(y) for x, y in zip(a, b))
 
 
 def _hint(d) -> int | None:
@@ -657,6 +685,30 @@ def _channel_values(t: torch.Tensor, channels: int, rank: int) -> np.ndarray | N
     if not bool((flat == flat[:, :1]).all()):
         return None
     return _np(flat[:, 0])
+
+
+def _slice_copy(first: fx.Node, rank: int):
+    """`copy_(slice(slice(...(padded, d0), d1)...), value)`: torch.export's form of one border write.
+    Returns (index tuple, value node, nodes to erase), or None."""
+    index, chain, node = [slice(None)] * (rank + 2), [], first
+    while node.target is aten.slice.Tensor and len(node.users) == 1 and node.args[0] is (chain[-1] if chain else
+                                                                                          first.args[0]):
+        dim, start, stop = (list(node.args[1:4]) + [0, None, None])[:3]
+        if not isinstance(dim, int) or not all(v is None or isinstance(v, int) for v in (start, stop)):
+            return None
+        whole = start in (None, 0) and (stop is None or stop >= 2**62)
+        if not whole:
+            if index[dim % (rank + 2)] != slice(None):
+                return None
+            index[dim % (rank + 2)] = slice(start, None if stop is None or stop >= 2**62 else stop)
+        chain.append(node)
+        node = next(iter(node.users))
+    if node.target is not aten.copy_.default or not chain or node.args[0] is not chain[-1] or node.users:
+        return None
+    value = node.args[1]
+    if isinstance(value, fx.Node) and value.target in (aten.expand.default, aten.expand_as.default):
+        value = value.args[0]  # a constant broadcast to the (possibly symbolic) border shape
+    return tuple(index), value, [node] + chain[::-1]
 
 
 def _border_slice(index, pads, rank):
@@ -695,11 +747,9 @@ def to_tensor(array: np.ndarray, like: torch.Tensor | None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
 
-def _emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, w_node: fx.Node, b_node: fx.Node,
-                 groups: int | fx.Node | None = None) -> fx.Node:
-    """One conv / linear node computing `op` on x (inserted at the graph's insertion point)."""
-    if op.rank == 0:
-        return graph.call_function(F.linear, (x, w_node, b_node))
+def _conv_call(graph: fx.Graph, x: fx.Node, op: A.AffineConv, w_node: fx.Node, b_node: fx.Node,
+               groups: int | fx.Node | None = None) -> fx.Node:
+    """One conv node (after an F.pad for asymmetric padding) with `op`'s geometry and the given weights."""
     sym = tuple(min(p) for p in op.pads)
     extra = [(bg - s, en - s) for (bg, en), s in zip(op.pads, sym)]
     if any(e != (0, 0) for e in extra):
@@ -707,6 +757,19 @@ def _emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, w_node: fx.Node,
         x = graph.call_function(F.pad, (x, flat))
     return graph.call_function(_CONV_FN[op.rank], (x, w_node, b_node, op.stride, sym, op.dilation,
                                                    op.groups if groups is None else groups))
+
+
+def emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, constant: Callable[[np.ndarray], fx.Node]) -> fx.Node:
+    """The node computing `op` on x (inserted at the graph's insertion point); `constant(array)` makes the
+    node holding a new constant.  F.linear has no groups: a grouped rank-0 op is Mul/Add or dense."""
+    if op.rank == 0:
+        steps = A.linear_steps(op)
+        if steps[0][0] == "linear":
+            return graph.call_function(F.linear, (x, constant(steps[0][1]), constant(op.bias)))  # W [O, I]
+        for kind, vector in steps:  # [C], broadcast over [N, C]
+            x = graph.call_function(torch.mul if kind == "mul" else torch.add, (x, constant(vector)))
+        return x
+    return _conv_call(graph, x, op, constant(op.weight), constant(op.bias))
 
 
 def _replace(graph: fx.Graph, view: FxView, root: fx.Node, new: fx.Node, nodes) -> None:
@@ -720,29 +783,21 @@ def _replace(graph: fx.Graph, view: FxView, root: fx.Node, new: fx.Node, nodes) 
         _erase(graph, n)
 
 
-def apply_plan(view: FxView, fx_plan: Plan, constant_node: Callable[[str, torch.Tensor, fx.Node], fx.Node],
-               like: Callable[[Region], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+def apply_plan(view: FxView, fx_plan: Plan, new_constant: Callable[[torch.Tensor, fx.Node], fx.Node]) -> None:
     """Replace every planned region by one conv / linear node.
 
-    `constant_node(name, tensor, before)` creates the node that holds a new
-    constant (get_attr for deploy, placeholder for torch.compile).
+    `new_constant(tensor, before)` creates the node that holds a new constant
+    (get_attr for deploy, placeholder for torch.compile).
     """
     graph = view.graph
-    created: dict[str, torch.Tensor] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # root of an applied region -> its fused node
-    for i, region in enumerate(fx_plan.regions):
+    for region in fx_plan.regions:
         root, source = region.root, replaced.get(region.source, region.source)
-        example = like(region)
-        w, b = to_tensor(region.op.weight, example), to_tensor(region.op.bias, example)
-        wname, bname = f"repfuse_w{i}", f"repfuse_b{i}"
-        created[wname], created[bname] = w, b
-        w_node = constant_node(wname, w, root)
-        b_node = constant_node(bname, b, root)
+        like = example_like(region)
         with graph.inserting_before(root):
-            new = _emit_affine(graph, source, region.op, w_node, b_node)
+            new = emit_affine(graph, source, region.op, lambda a: new_constant(to_tensor(a, like), root))
         _replace(graph, view, root, new, region.nodes)
         replaced[root] = new
-    return created
 
 
 def _erase(graph: fx.Graph, node: fx.Node) -> None:

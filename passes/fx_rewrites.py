@@ -67,7 +67,7 @@ def run_rules(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None,
             return False
         run.regions += fxpass.region_rows(v, fx_plan)
         run.signature.append(("affine", fx_plan.signature(key=str)))
-        fxpass.apply_plan(v, fx_plan, lambda name, t, before: new_constant(t, before), fxpass.example_like)
+        fxpass.apply_plan(v, fx_plan, new_constant)
         run.rules["affine"].add(len(fx_plan.regions), f"{sum(len(r.nodes) for r in fx_plan.regions)} ops")
         return True
 
@@ -148,7 +148,7 @@ def _emit_dynamic(view: fxpass.FxView, region: DynamicRegion, new_constant, x: f
         batch = graph.call_method("size", (x, 0))
         groups = graph.call_function(operator.mul, (batch, static.groups))
         merged = graph.call_method("unsqueeze", (graph.call_method("flatten", (x, 0, 1)), 0))  # [1, N*C, ...]
-        y = fxpass._emit_affine(graph, merged, static, w, b, groups)  # [1, N*O, ...]
+        y = fxpass._conv_call(graph, merged, static, w, b, groups)  # [1, N*O, ...]
         new = graph.call_method("squeeze", (graph.call_method("unflatten", (y, 1, (-1, O))), 0))  # [N, O, ...]
     out = fxpass.node_shape(root)
     if out is not None:  # shapes for the report's MAC count: per sample, though the batch runs as groups
@@ -169,16 +169,13 @@ def merge_ghost_concats(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
     for g in rewrites:
         like = fxpass.example_like(g.concat)
         with graph.inserting_before(g.concat):
-            w = new_constant(fxpass.to_tensor(g.op.weight, like), g.concat)  # [2C, 1, *k]
-            b = new_constant(fxpass.to_tensor(g.op.bias, like), g.concat)
-            new = fxpass._emit_affine(graph, g.source, g.op, w, b)
+            new = fxpass.emit_affine(graph, g.source, g.op, lambda a: new_constant(fxpass.to_tensor(a, like), g.concat))
             if g.relu:
                 new = graph.call_function(torch.relu, (new,))
         for consumer, op in g.consumers.items():
             with graph.inserting_before(consumer):
-                cw = new_constant(fxpass.to_tensor(op.weight, like), consumer)  # [O, 2C, *k], inputs interleaved
-                cb = new_constant(fxpass.to_tensor(op.bias, like), consumer)
-                fxpass._replace(graph, view, consumer, fxpass._emit_affine(graph, new, op, cw, cb), (consumer,))
+                constant = lambda a: new_constant(fxpass.to_tensor(a, like), consumer)  # noqa: E731
+                fxpass._replace(graph, view, consumer, fxpass.emit_affine(graph, new, op, constant), (consumer,))
         new.meta.update({k: v for k, v in g.concat.meta.items() if k in ("val", "example_value", "tensor_meta")})
         for n in reversed(g.nodes):
             fxpass._erase(graph, n)
@@ -220,9 +217,7 @@ def remove_dead_channels(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
                 shift = new_constant(fxpass.to_tensor(per[1].reshape(shape), like), node)
                 new = graph.call_function(torch.add, (graph.call_function(torch.mul, (x, scale)), shift))
             else:
-                w = new_constant(fxpass.to_tensor(op.weight, like), node)  # [O', I'/g, *k]
-                b = new_constant(fxpass.to_tensor(op.bias, like), node)
-                new = fxpass._emit_affine(graph, x, op, w, b)
+                new = fxpass.emit_affine(graph, x, op, lambda a: new_constant(fxpass.to_tensor(a, like), node))
         fxpass._replace(graph, view, node, new, (node,))
         replaced[node] = new
     for value, keep in channel_plan.keep.items():

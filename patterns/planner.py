@@ -268,7 +268,7 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
             continue
         if _too_expensive(region):
             result.declined[v] = (f"fused op would cost {region.fused_cost:.0f} MACs per input position, "
-                                  f"more than the {region.cost:.0f} of the {len(region.nodes)} ops it replaces")
+                                  f"no less than the {region.cost:.0f} of the {len(region.nodes)} ops it replaces")
             # Cut where the region first stopped paying off, so the cheap parts before it still fuse
             # (depthwise-BN then pointwise-BN: two convs, not one dense one and a stray BN).
             first_bad = next((n for n in region.nodes if len(maps[n].nodes) > 1 and _too_expensive(maps[n])), v)

@@ -12,6 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def op_counts(gm) -> "Counter[str]":
+    """An FX graph's ops by name, whatever the dialect (torch function, aten op, module call)."""
+    from collections import Counter
+
+    from repfuse.passes.fx import op_kind
+
+    return Counter(op_kind(n, gm) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -165,8 +165,8 @@ def test_unknown_ops_pass_through():
     gm = repfuse.deploy(model, (x,))
     check_close(gm, model, x)
     assert convs(gm) == 2 and bns(gm) == 0
-    targets = {n.target for n in gm.graph.nodes}
-    assert torch.sigmoid in targets and torch.roll in targets and operator.mul in targets
+    ops = B.op_counts(gm)
+    assert ops["sigmoid"] == 1 and ops["roll"] == 1 and ops["mul"] == 1
 
 
 def test_cost_refusal_is_reported():
@@ -199,7 +199,7 @@ def test_avg_pool_branch_fuses_only_when_it_counts_padding(count_include_pad, fu
     x = torch.randn(2, 4, 8, 8)
     gm = repfuse.deploy(model, (x,))
     check_close(gm, model, x)
-    pools = sum(n.target is F.avg_pool2d for n in gm.graph.nodes)
+    pools = B.op_counts(gm)["avg_pool2d"]
     assert (convs(gm), pools) == ((1, 0) if fuses else (1, 1))
     assert bns(gm) == 0
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import repfuse
+from blocks import op_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from zoo import NETWORKS  # noqa: E402
@@ -81,8 +82,8 @@ def test_fx_path(name, built):
     gm = repfuse.deploy(model, (x,))
     with torch.no_grad():
         close(gm(x), y)
-    n = sum(node.op == "call_function" and node.target in (torch.conv2d, F.linear, torch._C._nn.linear)
-            for node in gm.graph.nodes)
+    ops = op_counts(gm)
+    n = ops["conv2d"] + ops["linear"]
     check_convs(net, model, x, gm.meta["repfuse_report"].before.convs, n)
     if net.name in ("pruned-resnet", "nas-supernet"):  # channels removed / weights sliced as in the reference
         assert sorted(tuple(p.shape) for _, p in gm.named_parameters() if p.dim() == 4) == \

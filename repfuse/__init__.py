@@ -11,11 +11,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["deploy", "TraceError", "optimize_onnx", "__version__"]
+__all__ = ["deploy", "TraceError", "ShapeGuardError", "optimize_onnx", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("deploy", "TraceError"):
+    if name in ("deploy", "TraceError", "ShapeGuardError"):
         try:
             from .backends import pytorch
         except ImportError as e:  # torch missing

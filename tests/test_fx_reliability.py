@@ -13,7 +13,7 @@ from torch import nn
 import blocks as B
 import repfuse
 from repfuse.backends import pytorch as backend
-from repfuse.backends.pytorch import ShapeGuardError
+from repfuse import ShapeGuardError
 
 
 def close(out, ref, rtol=1e-5):

@@ -126,9 +126,10 @@ class Region:
     """`nodes` (topological order, root last) compute `op(source)`; `cost` is what they cost now."""
 
     source: Key
-    op: AffineConv
+    op: AffineConv | None  # None once a consumer absorbed the region (see _release)
     nodes: tuple[Key, ...]
     cost: float
+    expensive: bool | None = None  # kept by _release
 
     @property
     def root(self) -> Key:
@@ -199,7 +200,16 @@ def _build_maps(view: GraphView, values, order, boundaries):
             region = _fresh(v, d)
         if region is not None:
             maps[v] = region
+            for u in _inputs(d):
+                if u in maps and u in region.nodes and maps[u].op is not None:
+                    maps[u] = _release(maps[u])
     return maps, declined
+
+
+def _release(region: Region) -> Region:
+    """An absorbed region keeps what selection reads, not its fused weights: a chain of large convs
+    would otherwise hold one fused copy per value."""
+    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region))
 
 
 def _fresh(v: Key, d: Description) -> Region | None:
@@ -279,6 +289,8 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
 
 
 def _too_expensive(region: Region) -> bool:
+    if region.op is None:
+        return region.expensive
     if region.op.rank == 0 and region.op.per_channel() is not None:
         # written as Mul/Add steps again: only worth it with fewer steps, and never a loop
         return region.fused_cost >= region.cost * (1 - 1e-9)

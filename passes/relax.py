@@ -523,6 +523,7 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.roots = roots  # root var -> Region
         self.dropped = dropped  # vars of bindings that disappear
+        self.failed: str | None = None  # a Declined from the writer (raised here it would cross TVM's FFI)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var = binding.var
@@ -533,7 +534,12 @@ class _Rewriter(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         source = self.visit_expr(region.source)
-        expr = affine_expr(self.builder_.emit, region.op, source, str(_type(var).dtype))
+        try:
+            expr = affine_expr(self.builder_.emit, region.op, source, str(_type(var).dtype))
+        except Declined as e:
+            self.failed = self.failed or str(e)
+            super().visit_var_binding_(binding)
+            return
         if isinstance(var, relax.DataflowVar):
             new = self.builder_.emit(expr)
         else:
@@ -571,6 +577,9 @@ def fuse_function(mod: tvm.IRModule, func: relax.Function) -> tuple[relax.Functi
             item = view.bound.get(v)
             if isinstance(item, relax.TupleGetItem) and isinstance(item.tuple_value, relax.Var):
                 dropped.add(item.tuple_value)
-    new_func = _Rewriter(mod, roots, dropped).visit_expr(func)
+    rewriter = _Rewriter(mod, roots, dropped)
+    new_func = rewriter.visit_expr(func)
+    if rewriter.failed:
+        raise Declined(rewriter.failed)
     new_func = relax.analysis.remove_all_unused(new_func)
     return new_func, relax_plan

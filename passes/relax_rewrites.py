@@ -52,18 +52,23 @@ def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R
     run = RelaxRun(rules={r.name: RuleRow(r.name, r.name in rules) for r in R.RULES})
     state = {"func": func}
 
-    def step(rewrite: Callable) -> Callable[[], bool]:
+    def step(rewrite: Callable, name: str) -> Callable[[], bool]:
         def go() -> bool:
-            new = rewrite(mod, state["func"], run)
+            try:
+                new = rewrite(mod, state["func"], run)
+            except Declined as e:  # a plan the writer cannot express: this rule leaves the function as is
+                run.declined.append(("(function)", f"{name}: {e}"))
+                run.rules[name].add(0, f"declined: {e}")
+                return False
             if new is None:
                 return False
             state["func"] = new
             return True
         return go
 
-    steps = {"constant_folding": step(fold_constants), "affine": step(fuse_affine),
-             "dynamic_conv": step(aggregate_dynamic), "dead_channels": step(remove_dead_channels),
-             "ghost_concat": step(merge_ghost_concats)}
+    rewrites = {"constant_folding": fold_constants, "affine": fuse_affine, "dynamic_conv": aggregate_dynamic,
+                "dead_channels": remove_dead_channels, "ghost_concat": merge_ghost_concats}
+    steps = {name: step(rewrite, name) for name, rewrite in rewrites.items()}
     R.run_to_fixed_point(steps, rules, max_rounds=max_rounds)
     run.declined = list(dict(run.declined).items())
     return state["func"], run
@@ -82,6 +87,7 @@ class _Writer(relax.PyExprMutator):
         self.emit = emit or {}
         self.constants = constants or {}
         self.dropped = set(dropped)
+        self.failed: str | None = None  # a Declined from a builder (raised here it would cross TVM's FFI)
 
     def visit_dataflow_var_(self, op):
         const = self.constants.get(op)
@@ -95,7 +101,12 @@ class _Writer(relax.PyExprMutator):
         if build is None:
             super().visit_var_binding_(binding)  # re-derives the struct info when its inputs shrank
             return
-        expr = build(self)
+        try:
+            expr = build(self)
+        except Declined as e:
+            self.failed = self.failed or str(e)
+            super().visit_var_binding_(binding)
+            return
         new = self.builder_.emit(expr) if isinstance(var, relax.DataflowVar) else self.builder_.emit_output(expr)
         self.set_var_remap(var, new)
 
@@ -104,7 +115,10 @@ class _Writer(relax.PyExprMutator):
 
 
 def _rewrite(mod, func, emit=None, constants=None, dropped=()) -> relax.Function:
-    new = _Writer(mod, emit, constants, dropped).visit_expr(func)
+    writer = _Writer(mod, emit, constants, dropped)
+    new = writer.visit_expr(func)
+    if writer.failed:
+        raise Declined(writer.failed)
     return relax.analysis.remove_all_unused(new)  # the replaced bindings' inputs, BN tuples, ...
 
 
@@ -154,8 +168,9 @@ def fold_constants(mod, func: relax.Function, run: RelaxRun) -> relax.Function |
         constants[var] = relax.const(np.ascontiguousarray(value.astype(_dtype(var))), _dtype(var))
     if not constants:
         return None
+    new = _rewrite(mod, func, constants=constants)
     run.rules["constant_folding"].add(len(constants), "parameter-only ops folded")
-    return _rewrite(mod, func, constants=constants)
+    return new
 
 
 # reshaping ops that the frontends put on parameters (a bias viewed as [1, C, 1, 1], a transposed weight)
@@ -263,14 +278,12 @@ def aggregate_dynamic(mod, func: relax.Function, run: RelaxRun) -> relax.Functio
         return None
     done = [r for r in regions if r.root in emit]
     convs = sum(len(r.scales) for r in done)
+    new = _rewrite(mod, func, emit=emit, dropped=view.hidden_by({n for r in done for n in r.nodes}))
     run.rules["dynamic_conv"].add(len(done), f"{convs} weighted convs -> {len(done)}")
-    return _rewrite(mod, func, emit=emit, dropped=view.hidden_by({n for r in done for n in r.nodes}))
+    return new
 
 
 def _dynamic_precondition(region: DynamicRegion) -> str | None:
-    if region.static.rank == 0:
-        return ("a dynamic linear has no spatial positions to share the per-sample weights: aggregating them "
-                "costs more than the linears it replaces")
     if region.static.rank not in (1, 2):
         return "only 1-D and 2-D dynamic convolutions are emitted for Relax"
     x, out, scales = _dims(region.source), _dims(region.root), [_dims(s) for s in region.scales]
@@ -329,8 +342,9 @@ def remove_dead_channels(mod, func: relax.Function, run: RelaxRun) -> relax.Func
         source = view.describe(var).input  # read before anything changes
         emit[var] = lambda w, op=op, source=source, var=var: _affine_expr(w, op, w.visit_expr(source), _dtype(var))
     text = f"{plan.removed} channels removed"
+    new = _rewrite(mod, func, emit=emit, dropped=view.hidden_by(emit))
     run.rules["dead_channels"].add(plan.removed, text + (f"; {kept}" if kept else ""))
-    return _rewrite(mod, func, emit=emit, dropped=view.hidden_by(emit))
+    return new
 
 
 # ---------------------------------------------------------------- ghost_concat
@@ -350,5 +364,6 @@ def merge_ghost_concats(mod, func: relax.Function, run: RelaxRun) -> relax.Funct
         emit[g.concat] = ghost
         for consumer, op in g.consumers.items():
             emit[consumer] = lambda w, op=op, g=g, c=consumer: _affine_expr(w, op, w.visit_expr(g.concat), _dtype(c))
+    new = _rewrite(mod, func, emit=emit, dropped=view.hidden_by(emit))
     run.rules["ghost_concat"].add(len(rewrites), f"{len(rewrites)} concats -> depthwise convs")
-    return _rewrite(mod, func, emit=emit, dropped=view.hidden_by(emit))
+    return new

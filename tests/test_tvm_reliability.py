@@ -94,6 +94,7 @@ class Gate(nn.Module):
         self.variant = variant
         self.convbn = B.conv_bn(4, 6, 3, padding=1)
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
         g = _gate(x)
@@ -103,10 +104,12 @@ class Gate(nn.Module):
             return self.convbn(x * g)
         if self.variant == "two-gates":
             return x * g + torch.tanh(x.sum((1, 2, 3), keepdim=True)) * x
+        if self.variant == "dynamic-on-input":  # two weighted convs of x and x itself: one conv
+            return self.conv(x) * g + self.conv2(x) * (1 - g) + x
         return x * g + self.conv(x) * (1 - g)  # "gate-and-conv": one weighted conv, one gated input
 
 
-@pytest.mark.parametrize("variant", ["plain", "then-convbn", "two-gates", "gate-and-conv"])
+@pytest.mark.parametrize("variant", ["plain", "then-convbn", "two-gates", "gate-and-conv", "dynamic-on-input"])
 def test_gate_on_the_functions_own_input(variant):
     model = B.randomize(Gate(variant), seed=1)
     xs = inputs((2, 4, 6, 6))
@@ -114,9 +117,11 @@ def test_gate_on_the_functions_own_input(variant):
     fused, _ = fuse(mod)
     assert_same(outputs(mod, xs), outputs(fused, xs))
     after = ops(fused)
-    assert after["sigmoid"] == 1 and after["multiply"] >= 1  # the gate is not an affine op: it stays
+    assert after["sigmoid"] == 1  # the gate is data, not an affine op: it stays
     if variant == "then-convbn":
-        assert after["batch_norm"] == 0 and after["conv2d"] == 1
+        assert after["batch_norm"] == 0 and after["conv2d"] == 1 and after["multiply"] == 1
+    elif variant == "dynamic-on-input":  # one conv with the per-sample kernels (mixed by einsum)
+        assert ops(mod)["conv2d"] == 2 and after["conv2d"] == 1 and after["einsum"] == 1
     else:
         tvm.ir.assert_structural_equal(fused, mod)
 
@@ -243,11 +248,12 @@ RANK0 = {
 }
 
 
+@pytest.mark.parametrize("dims", ["", "n"], ids=["static", "symbolic-batch"])
 @pytest.mark.parametrize("variant", list(RANK0))
-def test_rank0_regions(variant):
+def test_rank0_regions(variant, dims):
     model = B.randomize(Rank0(variant), seed=4)
-    xs = inputs((3, 6))
-    mod = to_relax(model, xs[0])
+    xs = inputs((3, 6), [(5, 6)] if dims else [])
+    mod = to_relax(model, xs[0], dims)
     fused, _ = fuse(mod)
     assert_same(outputs(mod, xs), outputs(fused, xs))
     assert {k: ops(fused)[k] for k in RANK0[variant]} == RANK0[variant]
@@ -274,10 +280,12 @@ def test_dynamic_linear_is_declined_with_a_reason(batch):
     model = B.randomize(DynamicLinear(), seed=5)
     xs = inputs((batch, 6))
     mod = to_relax(model, xs[0])
-    fused, report = fuse(mod)
+    pass_ = RepFuse()
+    fused = pass_(mod)
     assert_same(outputs(mod, xs), outputs(fused, xs))
     assert ops(fused)["matmul"] == ops(mod)["matmul"] == 4  # the attention's and the K linears stay
-    assert report["dynamic_conv"].applied == 0 and "dynamic linear" in report["dynamic_conv"].detail
+    assert not any(r.applied for r in pass_.last_report if r.name == "dynamic_conv")
+    assert any("dynamic_conv" in why and "linears" in why for _, why in pass_.last_runs["main"].declined)
 
 
 # ---------------------------------------------------------------- 6. declines never escape a rule
@@ -330,6 +338,22 @@ def test_ghost_concat_from_torch_with_an_avg_pool_excluding_padding():
     fused, report = fuse(mod, enable=["ghost_concat"])
     assert_same(outputs(mod, xs), outputs(fused, xs))
     assert report["ghost_concat"].applied == 0 and ops(fused)["concat"] == 1
+
+
+def test_a_writer_decline_leaves_the_function_as_it_was(monkeypatch):
+    from repfuse.passes import relax_rewrites
+    from repfuse.patterns.affine import Declined
+
+    def refuse(w, region):
+        raise Declined("not expressible here")
+
+    monkeypatch.setattr(relax_rewrites, "_dynamic_expr", refuse)
+    model = RB.DynamicConv(4, 6, K=2)
+    xs = inputs((2, 4, 8, 8))
+    mod = to_relax(model, xs[0])
+    fused, report = fuse(mod)
+    assert_same(outputs(mod, xs), outputs(fused, xs))
+    assert ops(fused)["conv2d"] == 2 and "not expressible here" in report["dynamic_conv"].detail
 
 
 # ---------------------------------------------------------------- 7. user mistakes: one clear line

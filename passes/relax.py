@@ -490,18 +490,26 @@ def _direct_args(expr) -> list:
 
 def affine_expr(emit, op: A.AffineConv, source: relax.Expr, dtype: str) -> relax.Expr:
     """An AffineConv as Relax, its last call left for the caller to bind (`emit` binds the others):
-    conv2d / conv1d + bias add; a rank-0 op as its `affine.linear_steps` (matmul with W.T + bias, or
-    multiply / add by [C] constants: matmul has no groups)."""
+    conv2d / conv1d + bias add; a per-channel op as multiply / add by [1, C, 1, ...] constants (a rewrite
+    never adds a conv the graph did not have); a rank-0 op as its `affine.linear_steps` (matmul has no
+    groups: matmul with W.T + bias, or multiply / add)."""
     def const(a):
         return relax.const(np.ascontiguousarray(a.astype(dtype)), dtype)
 
-    if op.rank == 0:
-        steps = A.linear_steps(op)
+    pc = op.per_channel()
+    if op.rank == 0 or pc is not None:
+        if op.rank == 0:
+            steps = A.linear_steps(op)
+        else:
+            scale, shift = pc
+            steps = ([("mul", scale)] if np.any(scale != 1) else []) + ([("add", shift)] if np.any(shift) else [])
+            steps = steps or [("mul", scale)]
         if steps[0][0] == "linear":  # [N, I] @ [I, O] + b
             steps = [("matmul", steps[0][1].T)] + ([("add", op.bias)] if np.any(op.bias) else [])
         make = {"matmul": relax.op.matmul, "mul": relax.op.multiply, "add": relax.op.add}
         expr = source
         for i, (kind, value) in enumerate(steps):
+            value = value if kind == "matmul" else value.reshape((1, -1) + (1,) * op.rank)  # [1, C, 1, ...]
             expr = make[kind](emit(expr) if i else expr, const(value))
         return expr
     pads = [p[0] for p in op.pads] + [p[1] for p in op.pads]

@@ -250,13 +250,7 @@ class _FusedView:
 
 
 def _affine_expr(w: _Writer, op: A.AffineConv, x: relax.Expr, dtype: str) -> relax.Expr:
-    """An AffineConv as Relax: per-channel ops as multiply + add with [1, C, 1, ...] constants, the rest as
-    the affine rule writes them (`relax.affine_expr`)."""
-    per = op.per_channel()
-    if per is not None and op.rank > 0:
-        shape = (1, -1) + (1,) * op.rank  # [1, C, 1, ...]
-        scaled = w.let(relax.op.multiply(x, relax.const(per[0].reshape(shape).astype(dtype))))
-        return relax.op.add(scaled, relax.const(per[1].reshape(shape).astype(dtype)))
+    """An AffineConv as the affine rule writes it (`relax.affine_expr`)."""
     return rx.affine_expr(w.let, op, x, dtype)
 
 

@@ -185,6 +185,37 @@ def test_symbolic_shapes(name, dims):
             [(6, 3, 3, 3), (6, 6, 1, 1)]
 
 
+def test_per_channel_chains_on_symbolic_input_add_no_conv():
+    """Written with the BlockBuilder, x: [n, 4, h, w]: x * c + x is one multiply, bn(bn(x)) one multiply and
+    one add; neither becomes a depthwise conv the graph did not have.  Both are function outputs."""
+    rng = np.random.default_rng(7)
+    const = lambda *s, lo=-1.0: relax.const(rng.uniform(lo, 1.5, s).astype("float32"))  # noqa: E731
+    n, h, w = (tvm.tirx.Var(name, "int64") for name in "nhw")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([n, 4, h, w], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit_output(relax.op.add(bb.emit(relax.op.multiply(x, const(1, 4, 1, 1))), x))
+            y = x
+            for _ in range(2):
+                t = bb.emit(relax.op.nn.batch_norm(y, const(4, lo=0.5), const(4), const(4), const(4, lo=0.25),
+                                                   axis=1, training=False))
+                y = bb.emit(relax.TupleGetItem(t, 0))
+            b = bb.emit_output(y)
+        bb.emit_func_output(relax.Tuple([a, b]))
+    mod = bb.get()
+    fused, _ = fuse(mod)
+    assert ops(fused) == Counter({"multiply": 2, "add": 1})
+    xs = inputs((2, 4, 5, 6), [(3, 4, 7, 4)])
+    for m in (mod, fused):
+        main = relax.VirtualMachine(tvm.compile(m, target="llvm"), tvm.cpu())["main"]
+        got = [[o.numpy() for o in main(tvm.runtime.tensor(x.numpy()))] for x in xs]
+        if m is mod:
+            want = got
+    for g, r in zip(got, want):
+        assert_same(r, g)
+
+
 def _convs(mod):
     found = []
     relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and

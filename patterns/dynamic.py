@@ -82,7 +82,7 @@ def plan_dynamic(view: GraphView) -> tuple[list[DynamicRegion], dict[Key, str]]:
         if len(t.scaled) < 2:
             continue  # one weighted conv: nothing to aggregate
         if t.scaled[0][1].rank == 0:  # a linear reads one position: building W[n] costs more than K products
-            declined[v] = "weighted linears on [N, C]: per-sample weights would cost more than the K linears"
+            declined[v] = "dynamic linear: per-sample weights on [N, C] would cost more than the K linears they replace"
             continue
         regions.append(_region(t))
     return regions, declined

@@ -547,7 +547,7 @@ def test_sigint_to_the_cli_process(tmp_path):
     latency = time.perf_counter() - sent
     assert proc.returncode == 130, err
     assert "nothing written" in err and "Traceback" not in err
-    assert latency < 2.0, latency
+    assert latency < 5.0, latency  # a hang would be 60 s; 1.5 s measured, more on a loaded machine
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in_onnxsim"]
 
 

@@ -54,8 +54,14 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     from ..patterns.rules import enabled
 
     rules = enabled(disable, enable)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"repfuse.deploy takes a torch.nn.Module, not {type(model).__name__} "
+                        "(wrap a function in a Module's forward)")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"repfuse.deploy: example_inputs must be a tensor or a tuple of inputs, "
+                        f"not {type(example_inputs).__name__}")
     example_inputs = tuple(example_inputs)
     module = copy.deepcopy(model).eval()
     with torch.no_grad():

@@ -303,3 +303,17 @@ def test_unknown_backend_option_is_one_clear_line(rep_block):
     with pytest.raises(Exception) as info:
         torch.compile(rep_block, backend="repfuse", options={"bogus": 1})(torch.randn(1, 8, 9, 9))
     assert "unknown options ['bogus']" in str(info.value)
+
+
+# ---------------------------------------------------------------- user mistakes: one clear line
+
+@pytest.mark.parametrize("call, error, text", [
+    (lambda: repfuse.deploy(lambda x: x * 2, (torch.randn(2, 3),)), TypeError, "takes a torch.nn.Module"),
+    (lambda: repfuse.deploy(nn.Linear(3, 4), 5), TypeError, "example_inputs must be"),
+    (lambda: repfuse.deploy(nn.Linear(3, 4), (torch.randn(2, 5),)), repfuse.TraceError, "cannot trace Linear"),
+    (lambda: repfuse.deploy(nn.Linear(3, 4), (torch.randn(2, 3),), disable=["bogus"]), ValueError, "unknown rule"),
+], ids=["function", "not-a-tuple", "mismatched-input", "unknown-rule"])
+def test_deploy_mistakes_are_one_line(call, error, text):
+    with pytest.raises(error) as info:
+        call()
+    assert text in str(info.value) and len(str(info.value).splitlines()) == 1

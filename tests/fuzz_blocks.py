@@ -490,7 +490,6 @@ class _Gen:
             for k in ("bnpad", "ghost"):
                 weights[kinds.index(k)] = 0
         kind = self.pick(kinds, weights)
-        c = shape[1]
         method = getattr(self, "u_" + kind.replace("-", "_"))
         m, desc = method(nd, shape, depth)
         return m, desc, self.out_shape(m, shape)

@@ -166,16 +166,19 @@ def merge_ghost_concats(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
     rewrites, declined = plan_ghost(view)
     run.declined += [(str(k), r) for k, r in declined.items()]
     graph = view.graph
+    replaced: dict[fx.Node, fx.Node] = {}  # a consumer rewritten here may be the next Ghost's source
     for g in rewrites:
         like = fxpass.example_like(g.concat)
         with graph.inserting_before(g.concat):
-            new = fxpass.emit_affine(graph, g.source, g.op, lambda a: new_constant(fxpass.to_tensor(a, like), g.concat))
+            constant = lambda a: new_constant(fxpass.to_tensor(a, like), g.concat)  # noqa: E731
+            new = fxpass.emit_affine(graph, replaced.get(g.source, g.source), g.op, constant)
             if g.relu:
                 new = graph.call_function(torch.relu, (new,))
         for consumer, op in g.consumers.items():
             with graph.inserting_before(consumer):
                 constant = lambda a: new_constant(fxpass.to_tensor(a, like), consumer)  # noqa: E731
-                fxpass._replace(graph, view, consumer, fxpass.emit_affine(graph, new, op, constant), (consumer,))
+                replaced[consumer] = fxpass.emit_affine(graph, new, op, constant)
+                fxpass._replace(graph, view, consumer, replaced[consumer], (consumer,))
         new.meta.update({k: v for k, v in g.concat.meta.items() if k in ("val", "example_value", "tensor_meta")})
         for n in reversed(g.nodes):
             fxpass._erase(graph, n)

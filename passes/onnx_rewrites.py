@@ -400,15 +400,17 @@ def merge_ghost_concats(view: OnnxView, names: Names, run: OnnxRun) -> bool:
     rewrites, declined = plan_ghost(view)
     run.declined.update({onnxpass._label(k): r for k, r in declined.items()})
     graph = view.graph
+    replaced: dict[ir.Value, ir.Value] = {}  # a consumer rewritten here may be the next Ghost's source
     for g in rewrites:
-        out = _emit_affine(graph, g.concat, g.source, g.op, names)  # [N, 2C, ...], channels interleaved
+        out = _emit_affine(graph, g.concat, replaced.get(g.source, g.source), g.op, names)  # [N, 2C, ...], interleaved
         if g.relu:
             relu = ir.node("Relu", [out], name=names("ghost.repfuse.Relu"))
             relu.outputs[0].name, relu.outputs[0].type, relu.outputs[0].shape = names("ghost.relu"), out.type, out.shape
             graph.insert_before(g.concat.producer(), relu)
             out = relu.outputs[0]
         for consumer, op in g.consumers.items():
-            _replace(graph, consumer, _emit_affine(graph, consumer, out, op, names), [consumer.producer()], names)
+            replaced[consumer] = _emit_affine(graph, consumer, out, op, names)
+            _replace(graph, consumer, replaced[consumer], [consumer.producer()], names)
     if rewrites:
         run.rules["ghost_concat"].add(len(rewrites), f"{len(rewrites)} concats -> depthwise convs")
     return bool(rewrites)

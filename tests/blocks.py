@@ -7,15 +7,15 @@ so that folding mistakes show up in the numbers.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def op_counts(gm) -> "Counter[str]":
+def op_counts(gm) -> Counter[str]:
     """An FX graph's ops by name, whatever the dialect (torch function, aten op, module call)."""
-    from collections import Counter
-
     from repfuse.passes.fx import op_kind
 
     return Counter(op_kind(n, gm) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
@@ -111,13 +111,16 @@ class BNAndPad(nn.Module):
         self.bn = nn.BatchNorm2d(c)
         self.pad = pad
 
+    def fill(self) -> torch.Tensor:
+        """[C]: what the BN gives a zero input."""
+        bn = self.bn
+        return bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
     def forward(self, x):
         y = self.bn(x)
         if self.pad == 0:
             return y
-        bn = self.bn
-        fill = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        fill = fill.view(1, -1, 1, 1)
+        fill = self.fill().view(1, -1, 1, 1)
         p = self.pad
         y = F.pad(y, [p, p, p, p])
         y[:, :, 0:p, :] = fill

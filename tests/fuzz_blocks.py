@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import blocks
+
 warnings.filterwarnings("ignore")
 for _name in ("torch._export", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
               "torch._subclasses.fake_tensor"):
@@ -185,30 +187,16 @@ class Branches(nn.Module):
         return y + x if self.identity else y
 
 
-class BNAndPad(nn.Module):
-    """DBB's BN-and-pad: BN, then pad with `fill` written into the four borders (the BN's zero response
-    when `right_fill`, a wrong constant otherwise)."""
+class BNAndPad(blocks.BNAndPad):
+    """DBB's BN-and-pad with the BN's zero response as the border fill (`right_fill`), or a wrong constant."""
 
     def __init__(self, c, pad, right_fill, rng):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(c)
-        self.pad, self.right_fill = pad, right_fill
+        super().__init__(c, pad)
+        self.right_fill = right_fill
         self.register_buffer("wrong", torch.tensor(rng.normal(0, 1, c), dtype=torch.float32))
 
-    def forward(self, x):
-        y = self.bn(x)
-        bn, p = self.bn, self.pad
-        if self.right_fill:
-            fill = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        else:
-            fill = self.wrong
-        fill = fill.view(1, -1, 1, 1)
-        y = F.pad(y, [p, p, p, p])
-        y[:, :, 0:p, :] = fill
-        y[:, :, -p:, :] = fill
-        y[:, :, :, 0:p] = fill
-        y[:, :, :, -p:] = fill
-        return y
+    def fill(self) -> torch.Tensor:
+        return super().fill() if self.right_fill else self.wrong
 
 
 class SharedTwice(nn.Module):

@@ -766,8 +766,10 @@ def emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, constant: Callabl
         steps = A.linear_steps(op)
         if steps[0][0] == "linear":
             return graph.call_function(F.linear, (x, constant(steps[0][1]), constant(op.bias)))  # W [O, I]
+        shape_meta = {k: v for k, v in x.meta.items() if k in _SHAPE_META}
         for kind, vector in steps:  # [C], broadcast over [N, C]
             x = graph.call_function(torch.mul if kind == "mul" else torch.add, (x, constant(vector)))
+            x.meta.update(shape_meta)  # same shape and dtype: later rounds read them
         return x
     return _conv_call(graph, x, op, constant(op.weight), constant(op.bias))
 
@@ -849,16 +851,23 @@ def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[
                         rules=list(run.rules.values()))
 
 
+_SHAPE_META = ("val", "example_value", "tensor_meta")
+
+
 def example_like(region_or_node) -> torch.Tensor | None:
-    """A tensor (often fake) with the dtype and device the fused weights should have."""
+    """A tensor (often fake) with the dtype and device the fused weights should have: the root's,
+    else the source's (a node an earlier round wrote may carry no metadata)."""
     root = getattr(region_or_node, "root", region_or_node)
-    for key in ("val", "example_value"):
-        v = root.meta.get(key)
-        if isinstance(v, torch.Tensor):
-            return v
-    tm = root.meta.get("tensor_meta")
-    if tm is not None:
-        return torch.empty(0, dtype=tm.dtype)
+    for node in (root, getattr(region_or_node, "source", None)):
+        if not isinstance(node, fx.Node):
+            continue
+        for key in ("val", "example_value"):
+            v = node.meta.get(key)
+            if isinstance(v, torch.Tensor):
+                return v
+        tm = node.meta.get("tensor_meta")
+        if tm is not None:
+            return torch.empty(0, dtype=tm.dtype)
     return None
 
 

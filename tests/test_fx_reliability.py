@@ -317,3 +317,33 @@ def test_deploy_mistakes_are_one_line(call, error, text):
     with pytest.raises(error) as info:
         call()
     assert text in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------- dtype of fused weights across rounds
+
+class LinearBranches(nn.Module):
+    """Fuzzer seed 100204: round 1 writes x*s + t as Mul/Add steps; round 2 fuses a region rooted at
+    one of them, whose weights must take the model's dtype (float64 here), not a float32 default."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+        self.bn = nn.BatchNorm1d(12)
+        self.register_buffer("s", torch.linspace(0.5, 1.5, 12))
+        self.register_buffer("t", torch.linspace(-1, 1, 12))
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head((y * self.s + self.t + y) + self.bn(self.b(x)) + self.c(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_weights_keep_the_model_dtype(dtype):
+    model = bn_randomized(LinearBranches()).to(dtype)
+    x = torch.randn(4, 12, dtype=dtype)
+    gm = repfuse.deploy(model, (x,))
+    with torch.no_grad():
+        out = gm(x)
+        close(out, model(x))
+    assert out.dtype == dtype and all(p.dtype == dtype for p in gm.parameters())
+    assert B.op_counts(gm)["batch_norm"] == 0

@@ -125,12 +125,17 @@ def simplify(proto: onnx.ModelProto, warn: Callable[[str], None], isolate: bool 
     return _infer_shapes(proto)
 
 
+# onnxsim's optimizer folds a Pad into the pool after it even when the pads reach the kernel size,
+# which onnxruntime refuses to load; repfuse folds pads into the pool's conv form itself
+ONNXSIM_SKIPPED = ["fuse_pad_into_pool"]
+
+
 def _simplify(onnxsim, proto: onnx.ModelProto, defaults: list) -> tuple[onnx.ModelProto, bool]:
     if defaults:  # a copy without them: the caller's model is never modified
         names = {t.name for t in defaults}
         proto = _without_initializers(proto, names)
     with _quiet_native_output():
-        return onnxsim.simplify(proto)
+        return onnxsim.simplify(proto, skipped_optimizers=ONNXSIM_SKIPPED)
 
 
 def _without_initializers(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -163,7 +168,7 @@ def _simplify_in_child(proto: onnx.ModelProto, defaults: list) -> tuple[onnx.Mod
                 rest = [t for t in model.graph.initializer if t.name not in {d.name for d in defaults}]
                 del model.graph.initializer[:]
                 model.graph.initializer.extend(rest)
-            simplified, ok = onnxsim.simplify(model)
+            simplified, ok = onnxsim.simplify(model, skipped_optimizers=ONNXSIM_SKIPPED)
             send.send_bytes((b"1" if ok else b"0") + simplified.SerializeToString())
         except BaseException as e:  # noqa: BLE001 - reported to the parent as a failure
             send.send_bytes(b"E" + (str(e).strip().splitlines() or [type(e).__name__])[0].encode())

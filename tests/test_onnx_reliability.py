@@ -573,3 +573,27 @@ def test_external_data_in_and_out(tmp_path, capsys):
     assert op_types(loaded) == ["Conv"]
     feeds = x_feed((2, 8, 8, 8))
     assert_same(out, src, feeds)
+
+
+class PadThenPool(torch.nn.Module):
+    """Fuzzer seed 107299: onnxsim's fuse_pad_into_pool gives the pool pads >= its kernel, which
+    onnxruntime refuses to load; repfuse skips that onnxsim pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = torch.nn.AvgPool2d(3, 3, 1, ceil_mode=True, count_include_pad=True)
+
+    def forward(self, x):
+        return self.pool(torch.nn.functional.pad(self.conv(x), [1, 1, 2, 2]))
+
+
+def test_onnxsim_pad_into_pool_never_breaks_the_model(tmp_path):
+    x = torch.randn(2, 3, 10, 10)
+    src = export(PadThenPool().eval(), x, tmp_path / "m.onnx")
+    out = repfuse.optimize_onnx(src)
+    assert_same(out, src, {"x": x.numpy()})
+    pools = [n for n in out.graph.node if n.op_type == "AveragePool"]
+    for pool in pools:  # whatever stays a pool keeps pads below its kernel
+        attrs = {a.name: list(a.ints) for a in pool.attribute}
+        assert all(p < k for p, k in zip(attrs.get("pads", []), attrs["kernel_shape"] * 2))

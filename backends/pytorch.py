@@ -15,7 +15,9 @@ the identity and `_version` of the tensors it read.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import weakref
 from operator import attrgetter, is_, itemgetter
 from typing import Any, Callable, Sequence
@@ -127,7 +129,17 @@ class ShapeGuard(nn.Module):
 
     def __init__(self, names: list[str], dims: list[list], ranges: dict[str, tuple], guards: list[str]):
         super().__init__()
-        self.names, self.dims, self.ranges, self.guards = names, dims, ranges, guards
+        self.names, self.dims, self.ranges = names, dims, ranges
+        # export's guards read inputs as L['name']; here they are args[i].  A nested input path has nothing
+        # to map to: export checked it at capture.
+        scope = {f"L['{name}']": f"args[{i}]" for i, name in enumerate(names)}
+        self.checks = []  # (python expression over args, the guard as export wrote it)
+        for guard in guards:
+            code = guard
+            for k, v in scope.items():
+                code = code.replace(k, v)
+            if "L[" not in code:
+                self.checks.append((code, guard))
 
     @classmethod
     def of(cls, program, placeholders: list[fx.Node]) -> "ShapeGuard":
@@ -180,16 +192,16 @@ class ShapeGuard(nn.Module):
                     if expected.is_number and int(expected) != arg.shape[i]:
                         raise ShapeGuardError(f"input {name!r} dim {i} is {arg.shape[i]}, expected {want} = "
                                               f"{int(expected)}")
-        scope = {f"L['{name}']": f"args[{i}]" for i, name in enumerate(self.names)}
-        for guard in self.guards:
-            code = guard
-            for k, v in scope.items():
-                code = code.replace(k, v)
-            if "L[" in code:
-                continue  # a nested input path: export checked it at capture; nothing to map it to
-            if not eval(code, {"math": __import__("math"), "torch": torch}, {"args": args}):
+        for code, guard in self.checks:
+            if not eval(_compiled(code), {"math": math, "torch": torch}, {"args": args}):
                 raise ShapeGuardError(f"the model was captured under the condition {guard.replace('L[', '[')}, "
                                       "which these inputs break (its forward branches on an input size)")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(expression: str):
+    """A guard compiled once per process (code objects do not pickle, so the guard keeps the text)."""
+    return compile(expression, "<repfuse shape guard>", "eval")
 
 
 def _trace_message(e: BaseException) -> str:

@@ -635,6 +635,9 @@ def _np(t) -> np.ndarray:
     return torch.as_tensor(t).detach().to("cpu", torch.float64).numpy()
 
 
+SHAPE_META = ("val", "example_value", "tensor_meta")  # the node meta keys that carry shape and dtype
+
+
 def _static(d) -> int | None:
     """A size that is the same for every input: an int, or a symbolic size the capture pinned to one value."""
     if isinstance(d, int):
@@ -690,19 +693,18 @@ def _channel_values(t: torch.Tensor, channels: int, rank: int) -> np.ndarray | N
 def _slice_copy(first: fx.Node, rank: int):
     """`copy_(slice(slice(...(padded, d0), d1)...), value)`: torch.export's form of one border write.
     Returns (index tuple, value node, nodes to erase), or None."""
-    index, chain, node = [slice(None)] * (rank + 2), [], first
-    while node.target is aten.slice.Tensor and len(node.users) == 1 and node.args[0] is (chain[-1] if chain else
-                                                                                          first.args[0]):
+    index, chain, node, parent = [slice(None)] * (rank + 2), [], first, first.args[0]
+    while node.target is aten.slice.Tensor and len(node.users) == 1 and node.args[0] is parent:
         dim, start, stop = (list(node.args[1:4]) + [0, None, None])[:3]
         if not isinstance(dim, int) or not all(v is None or isinstance(v, int) for v in (start, stop)):
             return None
-        whole = start in (None, 0) and (stop is None or stop >= 2**62)
-        if not whole:
+        stop = None if stop is None or stop >= 2**62 else stop  # "to the end" is INT64_MAX in aten
+        if (start, stop) not in ((None, None), (0, None)):  # a whole-dim slice selects nothing
             if index[dim % (rank + 2)] != slice(None):
                 return None
-            index[dim % (rank + 2)] = slice(start, None if stop is None or stop >= 2**62 else stop)
+            index[dim % (rank + 2)] = slice(start, stop)
         chain.append(node)
-        node = next(iter(node.users))
+        parent, node = node, next(iter(node.users))
     if node.target is not aten.copy_.default or not chain or node.args[0] is not chain[-1] or node.users:
         return None
     value = node.args[1]
@@ -766,7 +768,7 @@ def emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, constant: Callabl
         steps = A.linear_steps(op)
         if steps[0][0] == "linear":
             return graph.call_function(F.linear, (x, constant(steps[0][1]), constant(op.bias)))  # W [O, I]
-        shape_meta = {k: v for k, v in x.meta.items() if k in _SHAPE_META}
+        shape_meta = {k: v for k, v in x.meta.items() if k in SHAPE_META}
         for kind, vector in steps:  # [C], broadcast over [N, C]
             x = graph.call_function(torch.mul if kind == "mul" else torch.add, (x, constant(vector)))
             x.meta.update(shape_meta)  # same shape and dtype: later rounds read them
@@ -776,8 +778,7 @@ def emit_affine(graph: fx.Graph, x: fx.Node, op: A.AffineConv, constant: Callabl
 
 def _replace(graph: fx.Graph, view: FxView, root: fx.Node, new: fx.Node, nodes) -> None:
     """Point root's users at `new`, then erase the region's nodes (and border writes) that died."""
-    new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "example_value", "tensor_meta",
-                                                                   "stack_trace", "nn_module_stack")})
+    new.meta.update({k: v for k, v in root.meta.items() if k in SHAPE_META + ("stack_trace", "nn_module_stack")})
     root.replace_all_uses_with(new)
     for n in reversed(nodes):
         for fill in view.pad_fills.get(n, ()):
@@ -849,9 +850,6 @@ def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[
     after = graph_stats(FxView(gm))
     return FusionReport(before=before, after=after, regions=run.regions, declined=run.declined,
                         rules=list(run.rules.values()))
-
-
-_SHAPE_META = ("val", "example_value", "tensor_meta")
 
 
 def example_like(region_or_node) -> torch.Tensor | None:

@@ -103,7 +103,7 @@ def fold_constants(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
             continue
         const = new_constant(value.clone(), node)
         node.replace_all_uses_with(const)
-        const.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        const.meta.update({k: v for k, v in node.meta.items() if k in fxpass.SHAPE_META})
         folded += 1
     if folded:
         run.signature.append(("constant_folding", folded))
@@ -179,7 +179,7 @@ def merge_ghost_concats(view: fxpass.FxView, new_constant, run: FxRun) -> bool:
                 constant = lambda a: new_constant(fxpass.to_tensor(a, like), consumer)  # noqa: E731
                 replaced[consumer] = fxpass.emit_affine(graph, new, op, constant)
                 fxpass._replace(graph, view, consumer, replaced[consumer], (consumer,))
-        new.meta.update({k: v for k, v in g.concat.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        new.meta.update({k: v for k, v in g.concat.meta.items() if k in fxpass.SHAPE_META})
         for n in reversed(g.nodes):
             fxpass._erase(graph, n)
     if rewrites:

@@ -498,12 +498,7 @@ def affine_expr(emit, op: A.AffineConv, source: relax.Expr, dtype: str) -> relax
 
     pc = op.per_channel()
     if op.rank == 0 or pc is not None:
-        if op.rank == 0:
-            steps = A.linear_steps(op)
-        else:
-            scale, shift = pc
-            steps = ([("mul", scale)] if np.any(scale != 1) else []) + ([("add", shift)] if np.any(shift) else [])
-            steps = steps or [("mul", scale)]
+        steps = A.linear_steps(op) if op.rank == 0 else A.per_channel_steps(op)
         if steps[0][0] == "linear":  # [N, I] @ [I, O] + b
             steps = [("matmul", steps[0][1].T)] + ([("add", op.bias)] if np.any(op.bias) else [])
         make = {"matmul": relax.op.matmul, "mul": relax.op.multiply, "add": relax.op.add}

@@ -39,7 +39,7 @@ __all__ = [
     "conv", "linear", "per_channel", "batchnorm", "identity", "zero_pad",
     "avg_pool", "scale", "channel_vector", "elementwise",
     "check_add", "add", "align", "check_compose", "compose", "check_concat", "concat",
-    "check_pad_with", "pad_with", "linear_steps",
+    "check_pad_with", "pad_with", "linear_steps", "per_channel_steps",
 ]
 
 
@@ -274,10 +274,15 @@ def linear_steps(op: AffineConv) -> list[tuple[str, np.ndarray]]:
     assert op.rank == 0
     if op.groups == 1:
         return [("linear", op.weight)]
-    pc = op.per_channel()
-    if pc is None:
+    if op.per_channel() is None:
         return [("linear", regroup(op.weight, op.groups, 1))]  # [O, I]
-    scale, shift = pc
+    return per_channel_steps(op)
+
+
+def per_channel_steps(op: AffineConv) -> list[tuple[str, np.ndarray]]:
+    """A per-channel op (any rank) written elementwise: [("mul", scale[C])] and/or [("add", shift[C])],
+    a step that would do nothing left out, at least one kept."""
+    scale, shift = op.per_channel()
     steps = ([("mul", scale)] if np.any(scale != 1) else []) + ([("add", shift)] if np.any(shift) else [])
     return steps or [("mul", scale)]
 

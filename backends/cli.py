@@ -282,8 +282,8 @@ def _compile(args) -> int:
     try:
         tvm_backend.compile_onnx(pipeline.to_proto(model), target, args.target)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"repfuse: error: TVM could not build {source} for {args.target}: {first}", file=sys.stderr)
+        print(f"repfuse: error: TVM could not build {source} for {args.target}: {pipeline.first_line(e)}",
+              file=sys.stderr)
         return 2
     if not args.quiet:
         print(report.table())

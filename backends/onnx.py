@@ -53,8 +53,7 @@ def load(path: str | os.PathLike):
     except OSError as e:
         raise InputError(f"{path}: cannot read it or its external data: {e}") from None
     except Exception as e:  # protobuf reports corrupt files with several exception types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {reason}") from None
+        raise InputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {first_line(e)}") from None
     check_opset(model, str(path))
     return model
 
@@ -120,8 +119,7 @@ def simplify(proto: onnx.ModelProto, warn: Callable[[str], None], isolate: bool 
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warn(f"onnxsim failed ({reason}); continuing without simplification")
+        warn(f"onnxsim failed ({first_line(e)}); continuing without simplification")
     return _infer_shapes(proto)
 
 
@@ -132,19 +130,20 @@ ONNXSIM_SKIPPED = ["fuse_pad_into_pool"]
 
 def _simplify(onnxsim, proto: onnx.ModelProto, defaults: list) -> tuple[onnx.ModelProto, bool]:
     if defaults:  # a copy without them: the caller's model is never modified
-        names = {t.name for t in defaults}
-        proto = _without_initializers(proto, names)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        proto = _drop_initializers(copy, defaults)
     with _quiet_native_output():
         return onnxsim.simplify(proto, skipped_optimizers=ONNXSIM_SKIPPED)
 
 
-def _without_initializers(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    rest = [t for t in copy.graph.initializer if t.name not in names]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(rest)
-    return copy
+def _drop_initializers(proto: onnx.ModelProto, dropped: list) -> onnx.ModelProto:
+    """`proto` (edited in place) without the initializers named in `dropped`."""
+    names = {t.name for t in dropped}
+    rest = [t for t in proto.graph.initializer if t.name not in names]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(rest)
+    return proto
 
 
 def _simplify_in_child(proto: onnx.ModelProto, defaults: list) -> tuple[onnx.ModelProto, bool]:
@@ -163,15 +162,11 @@ def _simplify_in_child(proto: onnx.ModelProto, defaults: list) -> tuple[onnx.Mod
         try:
             import onnxsim
 
-            model = proto
-            if defaults:  # the child's copy: edit it in place
-                rest = [t for t in model.graph.initializer if t.name not in {d.name for d in defaults}]
-                del model.graph.initializer[:]
-                model.graph.initializer.extend(rest)
+            model = _drop_initializers(proto, defaults)  # the child's own copy of the parent's memory
             simplified, ok = onnxsim.simplify(model, skipped_optimizers=ONNXSIM_SKIPPED)
             send.send_bytes((b"1" if ok else b"0") + simplified.SerializeToString())
         except BaseException as e:  # noqa: BLE001 - reported to the parent as a failure
-            send.send_bytes(b"E" + (str(e).strip().splitlines() or [type(e).__name__])[0].encode())
+            send.send_bytes(b"E" + first_line(e).encode())
 
     process = ctx.Process(target=child, daemon=True)
     process.start()
@@ -389,7 +384,8 @@ class CheckSkipped(Exception):
     """--check cannot run for a reason that is not the user's mistake (e.g. custom-domain ops)."""
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no text): what one-line messages show."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -547,7 +543,7 @@ def compare_outputs(reference: str, candidate: str, input_shapes: dict[str, list
         custom = _custom_ops(reference)
         if custom:
             raise CheckSkipped(f"onnxruntime cannot run custom-domain ops ({', '.join(custom[:3])})") from None
-        raise InputError(f"--check: onnxruntime cannot load the input model: {_first_line(e)}") from None
+        raise InputError(f"--check: onnxruntime cannot load the input model: {first_line(e)}") from None
     feeds = random_feeds(reference, input_shapes, seed, session=session)
     names = [o.name for o in session.get_outputs()]
     try:
@@ -555,11 +551,11 @@ def compare_outputs(reference: str, candidate: str, input_shapes: dict[str, list
     except Exception as e:
         shapes = ", ".join(f"{k}:{','.join(map(str, v.shape))}" for k, v in feeds.items())
         raise InputError(f"--check: onnxruntime cannot run the input model on random inputs ({shapes}); "
-                         f"give --input-shape? {_first_line(e)}") from None
+                         f"give --input-shape? {first_line(e)}") from None
     del session
     try:
         _, out = run_onnxruntime(candidate, feeds)
     except Exception as e:
         return [{"output": n, "max_abs_error": float("inf"), "tolerance": 0.0, "ok": False, "shape": [],
-                 "error": f"onnxruntime cannot run the optimized model: {_first_line(e)}"} for n in names]
+                 "error": f"onnxruntime cannot run the optimized model: {first_line(e)}"} for n in names]
     return compare(names, ref, out)

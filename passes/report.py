@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+
+from ..patterns.plan import Decline
+from ..patterns.rules import RegionRow, RuleRow
+
+__all__ = ["GraphStats", "FusionReport", "RegionRow", "RuleRow", "Decline"]
 
 
 @dataclass
@@ -19,41 +24,19 @@ class GraphStats:
 
 
 @dataclass
-class RegionRow:
-    root: str  # name of the node the fused op replaced
-    source: str  # name of the tensor it reads
-    ops: int  # how many ops the region had
-    kinds: str  # e.g. "batch_norm x3, conv2d x2, add x2"
-    fused: str  # e.g. "conv 64->64 k3x3 s1 g1"
-
-
-@dataclass
-class RuleRow:
-    """What one rule (patterns.rules) did in a run."""
-
-    name: str
-    enabled: bool = True
-    applied: int = 0  # regions fused, dynamic convs aggregated, channels removed, ops folded
-    detail: str = ""
-
-    def add(self, count: int, detail: str) -> None:
-        """Count another application; a later round that changed nothing keeps the earlier detail."""
-        self.applied += count
-        if not self.detail:
-            self.detail = detail
-        elif count:
-            self.detail = f"{self.detail}; {detail}"
-
-
-@dataclass
 class FusionReport:
     before: GraphStats
     after: GraphStats
     regions: list[RegionRow] = field(default_factory=list)
-    declined: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+    declined: list[Decline] = field(default_factory=list)
     note: str = ""  # e.g. why a graph was passed through unchanged
     file_bytes: tuple[int, int] | None = None  # model file sizes (ONNX), when known
     rules: list[RuleRow] = field(default_factory=list)  # one row per rule, in patterns.rules order
+
+    @classmethod
+    def of(cls, before: GraphStats, after: GraphStats, run, **more) -> "FusionReport":
+        """The report of a `patterns.rules.run`."""
+        return cls(before, after, run.regions, list(run.declines.values()), rules=list(run.rules.values()), **more)
 
     @property
     def changed(self) -> bool:
@@ -65,7 +48,7 @@ class FusionReport:
 
         return {"before": stats(self.before), "after": stats(self.after),
                 "regions": [asdict(r) for r in self.regions],
-                "declined": [{"node": n, "reason": r} for n, r in self.declined],
+                "declined": [asdict(d) for d in self.declined],
                 "note": self.note, "file_bytes": list(self.file_bytes) if self.file_bytes else None,
                 "rules": [asdict(r) for r in self.rules]}
 
@@ -93,19 +76,14 @@ class FusionReport:
         if self.note:
             lines.append(self.note)
         if explain and self.declined:
-            lines.append(f"left alone: {len(self.declined)}")
-            lines.extend(f"  {node}: {reason}" for node, reason in self.declined)
+            lines.append(f"left alone: {len(self.declined)} (by rule and reason)")
+            groups = defaultdict(list)
+            for d in self.declined:
+                groups[(d.rule, d.reason)].append(d.node)
+            for (rule, reason), nodes in groups.items():
+                shown = ", ".join(nodes[:6]) + (f", ... ({len(nodes)} in all)" if len(nodes) > 6 else "")
+                lines.append(f"  {rule}: {reason}: {shown}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
-
-
-def describe_op(op) -> str:
-    """One-line summary of a fused AffineConv."""
-    if op.rank == 0:
-        return f"linear {op.in_channels}->{op.out_channels}"
-    k = "x".join(map(str, op.kernel))
-    s = "x".join(map(str, op.stride))
-    extra = "" if all(d == 1 for d in op.dilation) else f" d{'x'.join(map(str, op.dilation))}"
-    return f"conv {op.in_channels}->{op.out_channels} k{k} s{s} g{op.groups}{extra}"

@@ -39,7 +39,7 @@ __all__ = [
     "conv", "linear", "per_channel", "batchnorm", "identity", "zero_pad",
     "avg_pool", "scale", "channel_vector", "elementwise",
     "check_add", "add", "align", "check_compose", "compose", "check_concat", "concat",
-    "check_pad_with", "pad_with", "linear_steps", "per_channel_steps",
+    "check_pad_with", "pad_with", "describe",
 ]
 
 
@@ -264,29 +264,6 @@ def regroup(weight: np.ndarray, groups: int, new_groups: int) -> np.ndarray:
     return out.reshape((weight.shape[0], r * i_per) + k)  # [O, I/new_groups, *k]
 
 
-def linear_steps(op: AffineConv) -> list[tuple[str, np.ndarray]]:
-    """How an IR whose linear layer has no groups (F.linear, Gemm, matmul) writes a rank-0 op.
-
-    A dense op is one linear: [("linear", W[O, I])] (its bias is op.bias).  A grouped one is
-    either per-channel, written elementwise as [("mul", scale[C])] and/or [("add", shift[C])]
-    (a step that would do nothing is left out, at least one remains), or block-diagonal dense.
-    """
-    assert op.rank == 0
-    if op.groups == 1:
-        return [("linear", op.weight)]
-    if op.per_channel() is None:
-        return [("linear", regroup(op.weight, op.groups, 1))]  # [O, I]
-    return per_channel_steps(op)
-
-
-def per_channel_steps(op: AffineConv) -> list[tuple[str, np.ndarray]]:
-    """A per-channel op (any rank) written elementwise: [("mul", scale[C])] and/or [("add", shift[C])],
-    a step that would do nothing left out, at least one kept."""
-    scale, shift = op.per_channel()
-    steps = ([("mul", scale)] if np.any(scale != 1) else []) + ([("add", shift)] if np.any(shift) else [])
-    return steps or [("mul", scale)]
-
-
 # ---------------------------------------------------------------- add
 
 def check_add(a: AffineConv, b: AffineConv) -> str | None:
@@ -505,3 +482,13 @@ def check_pad_with(a: AffineConv, pads: Pads, values: np.ndarray, rtol: float = 
 
 def pad_with(a: AffineConv, pads: Pads) -> AffineConv:
     return AffineConv(a.weight, a.bias, a.stride, tuple(pads), a.dilation, a.groups)
+
+
+def describe(op: AffineConv) -> str:
+    """One line for reports: "conv 64->64 k3x3 s1 g1", "linear 128->10"."""
+    if op.rank == 0:
+        return f"linear {op.in_channels}->{op.out_channels}"
+    k = "x".join(map(str, op.kernel))
+    s = "x".join(map(str, op.stride))
+    extra = "" if all(d == 1 for d in op.dilation) else f" d{'x'.join(map(str, op.dilation))}"
+    return f"conv {op.in_channels}->{op.out_channels} k{k} s{s} g{op.groups}{extra}"

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
 
 import numpy as np
 
 from .affine import AffineConv
+from .plan import Apply, Replace, Resize, RulePlan
 from .planner import Affine, Concat, GraphView, Key, Pointwise, Sum, describe_or_none
 
 
@@ -50,10 +50,7 @@ class ChannelPlan:
         return "; ".join(f"{n} kept: {why}" for why, n in sorted(self.kept.items(), key=lambda kv: -kv[1]))
 
 
-class ChannelView(GraphView, Protocol):
-    def readers(self, value: Key) -> Sequence[Key] | None:
-        """The nodes reading the value (each named by the value it produces), or None when a graph
-        output or something the planner cannot see reads it."""
+ChannelView = GraphView  # readers() says which ops a channel reaches
 
 
 # Activations as functions on per-channel constants (float64), named once for every adapter.
@@ -79,6 +76,19 @@ ACTIVATIONS = {
 def _per_channel_op(op: AffineConv) -> bool:
     """Depthwise with one output per channel: channel c in, channel c out."""
     return op.groups == op.in_channels == op.out_channels
+
+
+def remove_dead(view: ChannelView) -> RulePlan:
+    """The `dead_channels` rule: every op touching a removed channel is written again on the kept channels
+    (reading its input as the plan leaves it), and every value that lost channels says so."""
+    found = plan_channels(view)
+    kept = found.kept_summary()
+    if not found:
+        return RulePlan(count=0, detail=kept)
+    edits = [Replace(v, Apply(view.describe(v).input, op), (v,)) for v, op in found.ops.items()]
+    edits += [Resize(v, int(keep.sum())) for v, keep in found.keep.items()]
+    detail = f"{found.removed} channels removed" + (f"; {kept}" if kept else "")
+    return RulePlan(edits, {}, found.removed, detail, all_or_nothing=True)
 
 
 def plan_channels(view: ChannelView) -> ChannelPlan:
@@ -190,10 +200,10 @@ def _count(consts, v) -> int | None:
 def _constants(view: ChannelView, v: Key, d, consts) -> np.ndarray | None:
     """Per-channel constant value of `v` (NaN where the channel is not constant), or None when the
     channel count is unknown."""
-    cr = view.channels_and_rank(v)
-    if cr is None:
+    layout = view.layout(v)
+    if layout is None:
         return None
-    out = np.full(cr[0], np.nan)
+    out = np.full(layout.channels, np.nan)
     if isinstance(d, Affine):
         return _through_op(d.op, consts.get(d.input), out)
     if isinstance(d, Pointwise):

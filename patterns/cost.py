@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .affine import AffineConv, linear_steps
+from .affine import AffineConv
+from .plan import lower, written_steps
 
 MEMORY_PASS = 4.0
 
@@ -26,13 +27,13 @@ def op_cost(op: AffineConv, cumulative_stride: tuple[int, ...]) -> float:
 
 
 def fused_cost(op: AffineConv) -> float:
-    """What the op a region fuses into costs as the IR will write it: a grouped rank-0 op has no
-    linear form and becomes Mul/Add steps or a dense (block-diagonal) linear (`affine.linear_steps`)."""
-    if op.rank == 0 and op.groups > 1:
-        steps = linear_steps(op)
-        if steps[0][0] == "linear":
-            return (op.out_channels * op.in_channels) + MEMORY_PASS * op.out_channels
-        return len(steps) * elementwise_cost(op.out_channels, ())
+    """What the op a region fuses into costs as every IR writes it (`plan.lower`): per-channel ops are
+    elementwise passes, linear layers dense."""
+    kind = lower(op)[0][0]
+    if kind == "scale_shift":
+        return written_steps(op) * elementwise_cost(op.out_channels, ())
+    if kind == "linear":
+        return op.out_channels * op.in_channels + MEMORY_PASS * op.out_channels
     return op_cost(op, op.stride)
 
 

@@ -29,27 +29,8 @@ import numpy as np
 
 from . import affine as A
 from .affine import AffineConv, Declined
+from .plan import BatchedConv, Replace, RulePlan
 from .planner import Affine, GraphView, Key, Scaled, Sum, describe_or_none
-
-
-@dataclass(eq=False)
-class DynamicRegion:
-    """`nodes` (topological order, root last) compute conv(x, W[n]) + b[n] over `source` x."""
-
-    source: Key
-    scales: tuple[Key, ...]  # K per-sample scalars pi_k, each [N, 1, ...]
-    weights: np.ndarray  # [K, O, I/g, *k]
-    biases: np.ndarray  # [K, O]
-    static: AffineConv  # W_S, b_S on the common geometry (zero weights when there is no static part)
-    nodes: tuple[Key, ...]
-
-    @property
-    def root(self) -> Key:
-        return self.nodes[-1]
-
-    @property
-    def has_static_weight(self) -> bool:
-        return bool(np.any(self.static.weight))
 
 
 @dataclass(eq=False)
@@ -60,8 +41,19 @@ class _Terms:
     nodes: tuple[Key, ...]
 
 
-def plan_dynamic(view: GraphView) -> tuple[list[DynamicRegion], dict[Key, str]]:
-    """The maximal dynamic-conv regions of the graph, and the reasons for the ones declined."""
+def aggregate(view: GraphView) -> RulePlan:
+    """The `dynamic_conv` rule: each maximal dynamic-conv region becomes one BatchedConv."""
+    edits, declined = plan_dynamic(view)
+
+    def summary(written) -> tuple[int, str]:
+        return len(written), f"{sum(len(e.term.scales) for e in written)} weighted convs -> {len(written)}"
+
+    return RulePlan(edits, declined, *summary(edits), summary=summary)
+
+
+def plan_dynamic(view: GraphView) -> tuple[list[Replace], dict[Key, str]]:
+    """The maximal dynamic-conv regions of the graph (root replaced by its BatchedConv), and the reasons
+    for the ones declined."""
     values = list(view.values())
     order = {v: i for i, v in enumerate(values)}
     terms: dict[Key, _Terms] = {}
@@ -97,8 +89,8 @@ def _static_term(view: GraphView, u: Key) -> tuple[Key, AffineConv, tuple[Key, .
     d = describe_or_none(view, u)
     if isinstance(d, Affine) and view.single_consumer(u):
         return d.input, d.op, (u,)
-    cr = view.channels_and_rank(u)
-    return None if cr is None else (u, A.identity(*cr), ())
+    layout = view.layout(u)
+    return None if layout is None else (u, A.identity(*layout), ())
 
 
 def _extend(view: GraphView, v: Key, d, terms: dict[Key, _Terms], order) -> _Terms | None:
@@ -158,7 +150,7 @@ def _extend(view: GraphView, v: Key, d, terms: dict[Key, _Terms], order) -> _Ter
     return None
 
 
-def _region(t: _Terms) -> DynamicRegion:
+def _region(t: _Terms) -> Replace:
     ops = [op for _, op in t.scaled]
     static = t.static
     if static is None:
@@ -168,4 +160,5 @@ def _region(t: _Terms) -> DynamicRegion:
     aligned = A.align(ops + [static])
     weights = np.stack([op.weight for op in aligned[:-1]])  # [K, O, I/g, *k]
     biases = np.stack([op.bias for op in aligned[:-1]])  # [K, O]
-    return DynamicRegion(t.source, tuple(s for s, _ in t.scaled), weights, biases, aligned[-1], t.nodes)
+    term = BatchedConv(t.source, tuple(s for s, _ in t.scaled), weights, biases, aligned[-1])
+    return Replace(t.nodes[-1], term, t.nodes)

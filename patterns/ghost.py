@@ -22,6 +22,7 @@ import numpy as np
 from . import affine as A
 from .affine import AffineConv
 from .channels import ACTIVATIONS
+from .plan import Apply, Relu, Replace, RulePlan
 from .planner import Affine, Concat, GraphView, Key, Pointwise, describe_or_none
 
 
@@ -31,8 +32,21 @@ class GhostRewrite:
     op: AffineConv  # G: C -> 2C depthwise, interleaved outputs
     relu: bool  # apply ReLU to G's output
     concat: Key  # the concat value G replaces
-    nodes: tuple[Key, ...]  # the cheap branch and the concat, erased
+    nodes: tuple[Key, ...]  # the cheap branch and the concat (last), erased
     consumers: dict[Key, AffineConv]  # each reader of the concat with its input channels permuted
+
+
+def merge(view: GraphView) -> RulePlan:
+    """The `ghost_concat` rule: each Ghost concat becomes G (with its ReLU), each reader of the concat
+    the same op on G's interleaved channels."""
+    rewrites, declined = plan_ghost(view)
+    edits = []
+    for g in rewrites:
+        ghost = Apply(g.source, g.op)
+        edits.append(Replace(g.concat, Relu(ghost) if g.relu else ghost, g.nodes))
+        edits += [Replace(reader, Apply(g.concat, op), (reader,)) for reader, op in g.consumers.items()]
+    return RulePlan(edits, declined, len(rewrites), f"{len(rewrites)} concats -> depthwise convs",
+                    all_or_nothing=True)
 
 
 def plan_ghost(view: GraphView) -> tuple[list[GhostRewrite], dict[Key, str]]:
@@ -45,7 +59,7 @@ def plan_ghost(view: GraphView) -> tuple[list[GhostRewrite], dict[Key, str]]:
         if rewrite is not None:
             rewrites.append(rewrite)
         elif reason:
-            declined[v] = f"ghost_concat: {reason}"
+            declined[v] = reason
     return rewrites, declined
 
 

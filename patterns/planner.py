@@ -15,13 +15,14 @@ on their own.  Boundaries only grow, so this reaches a fixed point.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Protocol, Sequence
+from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
 from . import affine as A
 from .affine import AffineConv, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
+from .plan import Apply, Replace, RulePlan
 
 Key = Hashable
 
@@ -96,18 +97,45 @@ def precision(eps: float) -> float:
 Description = Affine | PadWith | Sum | Concat | Scaled | Pointwise
 
 
+class Layout(NamedTuple):
+    """How the algebra reads a tensor: `channels` along the channel axis, followed by `rank` spatial dims.
+
+    NCHW is (C, 2), NCW (C, 1); [N, C] and tokens [B, N, C] read by a linear over C are (C, 0): channels
+    last, every dim before them a batch dim.  The channel axis is therefore `ndim - 1 - rank`; nothing
+    assumes it is 1, and a per-channel constant is shaped [C, 1 x rank] in every IR."""
+
+    channels: int
+    rank: int
+
+
 class GraphView(Protocol):
+    """What a rule sees of a graph; values are opaque hashable keys, one per node output."""
+
     def values(self) -> Sequence[Key]:
         """Every value produced by a node, in topological order."""
 
     def describe(self, value: Key) -> Description | None:
-        """What the value computes, or None if it is not affine in one input."""
+        """What the value computes, or None if it is not affine in one input; raises Declined with the
+        reason when it looks like a known op that cannot be read exactly."""
 
     def single_consumer(self, value: Key) -> bool:
         """True when exactly one node reads the value and it is not a graph output."""
 
-    def channels_and_rank(self, value: Key) -> tuple[int, int] | None:
-        """(channels, spatial rank) of a tensor value, or None when unknown."""
+    def readers(self, value: Key) -> Sequence[Key] | None:
+        """The values of the nodes reading `value`, or None when a graph output or something the view
+        cannot see reads it."""
+
+    def layout(self, value: Key) -> Layout | None:
+        """How a floating-point tensor value is read (see Layout), or None when unknown."""
+
+    def foldable(self, value: Key) -> bool:
+        """The value is computed from constants only and the IR can store it as one constant."""
+
+    def label(self, value: Key) -> str:
+        """A name users recognize (for reports and declines)."""
+
+    def kind(self, value: Key) -> str:
+        """The op type that computes the value (for reports)."""
 
 
 def describe_or_none(view: GraphView, value: Key) -> Description | None:
@@ -176,10 +204,10 @@ def _build_maps(view: GraphView, values, order, boundaries):
     def input_map(u: Key) -> Region | None:
         if u in maps and u not in boundaries and view.single_consumer(u):
             return maps[u]
-        cr = view.channels_and_rank(u)
-        if cr is None:
+        layout = view.layout(u)
+        if layout is None:
             return None
-        return Region(u, A.identity(*cr), (), 0.0)
+        return Region(u, A.identity(*layout), (), 0.0)
 
     def merged(parts: Sequence[Region], v: Key) -> tuple[Key, ...]:
         nodes = {n for p in parts for n in p.nodes}
@@ -291,7 +319,21 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
 def _too_expensive(region: Region) -> bool:
     if region.op is None:
         return region.expensive
-    if region.op.rank == 0 and region.op.per_channel() is not None:
-        # written as Mul/Add steps again: only worth it with fewer steps, and never a loop
+    if region.op.per_channel() is not None:
+        # written as scale/shift steps again (plan.lower): only worth it with fewer steps, and never a loop
         return region.fused_cost >= region.cost * (1 - 1e-9)
     return region.fused_cost > region.cost * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------- the `affine` rule
+
+def fuse_regions(view: GraphView) -> RulePlan:
+    """Every maximal affine region becomes its fused op over the region's source."""
+    found = plan(view)
+    edits = [Replace(r.root, Apply(r.source, r.op), r.nodes) for r in found.regions]
+
+    def summary(written) -> tuple[int, str]:
+        return len(written), f"{sum(len(e.erase) for e in written)} ops"
+
+    count, detail = summary(edits)
+    return RulePlan(edits, found.declined, count, detail, regions=found.regions, summary=summary)

@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..passes import onnx as onnxpass
-from ..passes import onnx_rewrites
+from ..passes import onnx_write
 from ..passes.report import FusionReport
 from ..patterns import rules as R
 
@@ -262,12 +262,11 @@ def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] 
         before.macs = onnxpass.graph_stats(model).macs  # simplification leaves convs and their shapes alone
     else:
         before = onnxpass.graph_stats(model)
-    run = onnx_rewrites.run_rules(model, rules, progress=(lambda i, n: progress("fusing", i, n)) if progress else None)
+    run = onnx_write.run_rules(model, rules, progress=(lambda i, n: progress("fusing", i, n)) if progress else None)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
     after = onnxpass.graph_stats(model)
-    return model, FusionReport(before, after, run.regions, sorted(run.declined.items()),
-                               rules=list(run.rules.values()))
+    return model, FusionReport.of(before, after, run)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -737,7 +737,7 @@ PHASES = {
     "load (deserialize)": [("onnx_ir/serde.py", "deserialize_model"), ("backends/onnx.py", "load")],
     "simplify (onnxsim)": [("backends/onnx.py", "simplify")],
     "shape inference": [("backends/onnx.py", "_infer_shapes")],
-    "fuse": [("passes/onnx.py", "fuse_model")],
+    "fuse": [("passes/onnx_write.py", "run_rules")],
     "cleanup: unused nodes": [("common/unused_removal.py", "call")],
     "cleanup: topological sort": [("common/topological_sort.py", "call")],
     "check (onnx.checker)": [("onnx/checker.py", "check_model")],

@@ -1,0 +1,224 @@
+"""ONNX writer (onnx_ir): the rules' plans (`patterns.plan`) written back as nodes, and the entry `run_rules`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
+
+from ..patterns import rules as R
+from ..patterns.affine import AffineConv
+from ..patterns.plan import BatchedConv, Replace, Resize, emit, terms
+from .onnx import OnnxView, _used, opset
+
+__all__ = ["run_rules", "Adapter", "Emitter"]
+
+
+def run_rules(model: ir.Model, rules: frozenset[str] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> R.Run:
+    """Rewrite `model`'s main graph in place with the enabled rules (default: those on by default), to a
+    fixed point; `progress(i, n)` is called for every edit written."""
+    return R.run(Adapter(model, progress), R.enabled() if rules is None else frozenset(rules))
+
+
+class Emitter:
+    """`patterns.plan.Emitter`: the nodes of one term (`start` names the value it replaces, whose name,
+    type and floating-point dtype they take), with unique names for everything created."""
+
+    def __init__(self, view: OnnxView, value_of: Callable):
+        self.view, self.graph, self.value_of = view, view.graph, value_of
+        self.taken = {v.name for n in ir.traversal.RecursiveGraphIterator(self.graph) for v in n.outputs if v.name}
+        self.taken |= set(self.graph.initializers) | {v.name for v in self.graph.inputs if v.name}
+
+    def start(self, target: ir.Value) -> None:
+        self.target, self.nodes, self.stem = target, [], target.producer().name or target.name or "repfuse"
+        floating = target.dtype is not None and target.dtype.is_floating_point()
+        self.dtype = target.dtype.numpy() if floating else np.float32
+
+    def name(self, what: str) -> str:
+        base = name = f"{self.stem}.repfuse.{what}"
+        for i in range(1, len(self.taken) + 2):
+            if name not in self.taken:
+                break
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+    def initializer(self, what: str, array: np.ndarray) -> ir.Value:
+        name, array = self.name(what), np.ascontiguousarray(array)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        self.graph.register_initializer(value)
+        return value
+
+    def weight(self, what: str, array: np.ndarray) -> ir.Value:
+        return self.initializer(what, array.astype(self.dtype))
+
+    def ints(self, what: str, values) -> ir.Value:
+        return self.initializer(what, np.asarray(values, dtype=np.int64))
+
+    def node(self, op: str, inputs, attrs=None, channels: int | None = None, shape=None, into=None) -> ir.Value:
+        """One node; its output has `shape`, or the target's shape with `channels` channels."""
+        node = ir.node(op, inputs, attrs or {}, name=self.name(op))
+        (self.nodes if into is None else into).append(node)
+        out = node.outputs[0]
+        out.name, out.type = self.name(op.lower()), self.target.type
+        out.shape = ir.Shape(shape) if shape is not None else \
+            None if channels is None else _resized(self.target, self.view, channels)
+        return out
+
+    # -- the vocabulary
+    def constant(self, of: ir.Value) -> ir.Value:
+        return self.initializer("folded", np.asarray(self.view.folded(of)))
+
+    def conv(self, x: ir.Value, op: AffineConv) -> ir.Value:
+        inputs = [x, self.weight("weight", op.weight), self.weight("bias", op.bias)]  # [O, I/g, *k], [O]
+        return self.node("Conv", inputs, {**_geometry(op), "group": op.groups}, op.out_channels)
+
+    def linear(self, x: ir.Value, weight: np.ndarray, bias: np.ndarray) -> ir.Value:
+        """Gemm on [N, I]; Gemm is 2-D only, so tokens [..., I] get MatMul + Add."""
+        if x.shape is not None and len(x.shape) == 2:
+            inputs = [x, self.weight("weight", weight), self.weight("bias", bias)]  # [O, I], [O]
+            return self.node("Gemm", inputs, {"transB": 1}, len(bias))
+        y = self.node("MatMul", [x, self.weight("weight", weight.T)], channels=len(bias))  # [I, O]
+        return self.node("Add", [y, self.weight("bias", bias)], channels=len(bias)) if np.any(bias) else y
+
+    def scale_shift(self, x: ir.Value, scale, shift, rank: int) -> ir.Value:
+        shape = (-1,) + (1,) * rank  # [C, 1 x rank]: broadcast from the right onto the channel axis
+        for op, vector in (("Mul", scale), ("Add", shift)):
+            if vector is not None:
+                x = self.node(op, [x, self.weight(op.lower(), vector.reshape(shape))], channels=len(vector))
+        return x
+
+    def relu(self, x: ir.Value) -> ir.Value:
+        return self.node("Relu", [x], shape=x.shape)
+
+    def batched_conv(self, x: ir.Value, term: BatchedConv) -> ir.Value:
+        """A static batch N runs as groups: conv([1, N*C, ...], [N*O, I/g, *k], group=N*g); ONNX's group is an
+        attribute, so a dynamic batch runs in a Scan, one sample at a time."""
+        static, (k, o), n = term.static, term.biases.shape, self.target.shape[0]
+        n = n if isinstance(n, int) else None
+        column = self.ints("column", [-1, 1])
+        pi = self.node("Concat", [self.node("Reshape", [self.value_of(s), column], shape=[n, 1]) for s in term.scales],
+                       {"axis": 1}, shape=[n, k])  # [N, K]
+        if n is None:
+            return self._scan(x, pi, term)
+        zeros = [0] * static.rank  # Reshape's 0 keeps the spatial dims
+        merged = self.node("Reshape", [x, self.ints("merge", [1, -1] + zeros)])  # [1, N*C, ...]
+        y = self.node("Conv", [merged, *self._kernels(pi, term, n)], {**_geometry(static), "group": n * static.groups},
+                      shape=[1, n * o] + list(self.target.shape)[2:])  # [1, N*O, ...]
+        y.producer().metadata_props["repfuse.samples"] = str(n)  # graph_stats counts one sample's kernel
+        return self.node("Reshape", [y, self.ints("split", [n, o] + zeros)])  # [N, O, ...]
+
+    def _scan(self, x: ir.Value, pi: ir.Value, term: BatchedConv) -> ir.Value:
+        """One sample at a time: the body builds the sample's kernel and runs Conv with the static group."""
+        body, shape = [], None if x.shape is None else ir.Shape(list(x.shape)[1:])  # a sample: [C, ...]
+        xi = ir.Value(name=self.name("sample"), type=x.type, shape=shape)
+        pii = ir.Value(name=self.name("sample_pi"), type=self.target.type, shape=ir.Shape([len(term.scales)]))
+
+        def axis0(op, v):  # Unsqueeze / Squeeze take their axes as an input from opset 13 on
+            if opset(self.graph) >= 13:
+                return self.node(op, [v, self.ints("axis0", [0])], into=body)
+            return self.node(op, [v], {"axes": [0]}, into=body)
+
+        w, b = self._kernels(pii, term, None, body)  # [O, I/g, *k], [O]
+        y = self.node("Conv", [axis0("Unsqueeze", xi), w, b], {**_geometry(term.static), "group": term.static.groups},
+                      into=body)  # [1, O, ...]
+        graph = ir.Graph([xi, pii], [axis0("Squeeze", y)], nodes=body, name=self.name("body"))
+        return self.node("Scan", [x, pi], {"body": ir.AttrGraph("body", graph), "num_scan_inputs": 2})
+
+    def _kernels(self, pi: ir.Value, term: BatchedConv, n: int | None, into=None) -> tuple[ir.Value, ir.Value]:
+        """W[n] = sum_k pi_k[n] W_k + W_S as [N*O, I/g, *k] and b[n] as [N*O] (pi [N, K], or [K] in a Scan)."""
+        static, (k, o) = term.static, term.biases.shape
+        w_k = self.weight("weights", term.weights.reshape(k, -1))  # [K, O*I/g*prod(k)]
+        w = self.node("MatMul", [pi, w_k], into=into)  # [N, O*I/g*prod(k)]
+        if term.has_static_weight:
+            w = self.node("Add", [w, self.weight("static_weight", static.weight.reshape(1, -1))], into=into)
+        per_kernel = static.weight.shape[1:]  # (I/g, *k)
+        w = self.node("Reshape", [w, self.ints("kernel_shape", (-1,) + per_kernel)], into=into,
+                      shape=None if n is None else (n * o,) + per_kernel)  # [N*O, I/g, *k]
+        b = self.node("MatMul", [pi, self.weight("biases", term.biases)], into=into)  # b_k [K, O] -> [N, O]
+        b = self.node("Add", [b, self.weight("static_bias", static.bias.reshape(1, o))], into=into)  # [N, O]
+        return w, self.node("Reshape", [b, self.ints("flat", [-1])], into=into, shape=None if n is None else [n * o])
+
+
+def _geometry(op: AffineConv) -> dict:
+    return {"kernel_shape": list(op.kernel), "strides": list(op.stride), "dilations": list(op.dilation),
+            "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
+
+
+def _resized(value: ir.Value, view: OnnxView, channels: int) -> ir.Shape | None:
+    """`value`'s shape with `channels` on its channel axis (the one its layout names)."""
+    if value.shape is None:
+        return None
+    dims, layout = list(value.shape), view.layout(value)
+    dims[len(dims) - 1 - layout.rank if layout is not None else 1] = channels
+    return ir.Shape(dims)
+
+
+class Adapter:
+    """`patterns.rules.Adapter` for an onnx_ir model (its main graph)."""
+
+    def __init__(self, model: ir.Model, progress: Callable[[int, int], None] | None = None):
+        self.model, self.progress = model, progress
+
+    def view(self) -> OnnxView:
+        return OnnxView(self.model.graph)
+
+    def cannot_write(self, view: OnnxView, edit: Replace) -> str | None:
+        for term in terms(edit.term):
+            if isinstance(term, BatchedConv):
+                if term.input.shape is None or len(term.input.shape) != term.static.rank + 2:
+                    return "input rank unknown"
+                if edit.value.shape is None:
+                    return "output shape unknown"
+        return None
+
+    def write(self, view: OnnxView, rule: str, edits: list) -> None:
+        graph, replaced = view.graph, {}
+        out = Emitter(view, lambda key: replaced.get(key, key))
+        total = sum(isinstance(e, Replace) for e in edits)
+        for edit in edits:
+            if isinstance(edit, Resize):  # the same op with fewer channels: only its shape changes
+                value = replaced.get(edit.value, edit.value)
+                value.shape = _resized(value, view, edit.channels)
+                continue
+            old = edit.value
+            out.start(old)
+            new = emit(out, edit.term, out.value_of)
+            for node in out.nodes:
+                graph.insert_before(old.producer(), node)
+            _take_place(graph, old, new)
+            replaced[old] = new
+            _remove_dead(graph, [k.producer() for k in edit.erase] + [n for k in edit.erase
+                                                                      for n in view.attached.get(k, ())])
+            if self.progress:
+                self.progress(len(replaced), total)
+        ir.passes.common.RemoveUnusedNodesPass()(self.model)
+        if rule == "constant_folding":
+            try:  # folded weights give the convs reading them channel counts, which the other rules need
+                ir.passes.common.ShapeInferencePass()(self.model)
+            except Exception:  # shapes are a help, not a requirement
+                pass
+
+
+def _take_place(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """`new` is read wherever `old` was, with its type and shape; a graph output keeps its name."""
+    if new.type is None:
+        new.type = old.type
+    if new.shape is None:
+        new.shape = old.shape
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if any(o is new for o in graph.outputs):
+        old.name, new.name = None, name
+
+
+def _remove_dead(graph: ir.Graph, nodes) -> None:
+    """Remove those of `nodes` nothing reads any more (a removed node frees its inputs: repeat)."""
+    left = list(dict.fromkeys(n for n in nodes if n is not None))
+    while dead := [n for n in left if n.graph is graph and not _used(n.outputs)]:
+        graph.remove(dead, safe=True)
+        left = [n for n in left if all(n is not d for d in dead)]

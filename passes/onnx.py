@@ -31,6 +31,11 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def _constant(value: ir.Value | None) -> bool:
+    """const_array(value) is not None, without reading the tensor (it may be external data)."""
+    return value is not None and not value.is_graph_input() and ir.convenience.get_const_tensor(value) is not None
+
+
 def overridable(value: ir.Value | None) -> bool:
     return value is not None and value.is_graph_input() and value.const_value is not None
 
@@ -196,12 +201,10 @@ class OnnxView:
         return not value.is_graph_output() and len(value.uses()) == 1
 
     def readers(self, value: ir.Value):
-        out = []
-        for node in [u.node for u in value.uses()]:
-            if value.is_graph_output() or node.graph is not self.graph or _used(node.outputs[1:]):
-                return None  # a graph output, a subgraph, or a node whose other outputs are read
-            out.append(self._pair(node) or node.outputs[0])
-        return None if value.is_graph_output() else out
+        nodes = [u.node for u in value.uses()]
+        if value.is_graph_output() or any(n.graph is not self.graph or _used(n.outputs[1:]) for n in nodes):
+            return None  # a graph output, a subgraph, or a node whose other outputs are read
+        return [self._pair(n) or n.outputs[0] for n in nodes]
 
     def layout(self, value: ir.Value) -> Layout | None:
         dims = _dims(value)
@@ -263,13 +266,13 @@ class OnnxView:
 
             last, first = [], []
             for node in self.graph:
-                ins = [v for v in node.inputs if v is not None and const_array(v) is None]
+                ins = [v for v in node.inputs if v is not None and not _constant(v)]
                 if not ins:
                     continue
                 if node.op_type in _SAME_AXES:
                     for v in ins:
                         parent[find(v)] = find(node.outputs[0])
-                elif node.op_type == "MatMul" and const_array(node.inputs[1]) is not None:
+                elif node.op_type == "MatMul" and _constant(node.inputs[1]):
                     last += [ins[0], node.outputs[0]]
                 elif node.op_type in _CHANNELS_FIRST:
                     first += ins + [node.outputs[0]]
@@ -308,7 +311,7 @@ class OnnxView:
 
     # -- reader helpers
     def input(self, node: ir.Node) -> ir.Value:
-        if node.inputs[0] is None or const_array(node.inputs[0]) is not None:
+        if node.inputs[0] is None or _constant(node.inputs[0]):
             raise Declined("input is a constant")
         return node.inputs[0]
 
@@ -323,7 +326,7 @@ class OnnxView:
     def layout_of(self, value: ir.Value, channels_first: bool = False) -> Layout:
         layout = self.layout(value)
         if layout is None or channels_first and layout.rank != len(value.shape) - 2:
-            both = layout is not None or self._channels_last().get(value, False) is None
+            both = self._channels_last().get(value, False) is None
             raise Declined("input is read both channels-first and channels-last (a MatMul over its last dim)"
                            if both else "input shape or channel count unknown")
         return layout
@@ -441,7 +444,7 @@ def _clip(view: OnnxView, node):
     if "min" in a or "max" in a:  # opset < 11
         return Pointwise(view.input(node), clip(a.get_float("min", None), a.get_float("max", None)))
     bounds = [node.inputs[i] if i < len(node.inputs) else None for i in (1, 2)]
-    if any(v is not None and const_array(v) is None for v in bounds):
+    if any(v is not None and not _constant(v) for v in bounds):
         return None  # data-dependent bounds
     return Pointwise(view.input(node), clip(*(None if v is None else float(const_array(v).reshape(()))
                                                for v in bounds)))
@@ -450,7 +453,7 @@ def _clip(view: OnnxView, node):
 def _concat(view: OnnxView, node):
     n = len(node.outputs[0].shape or ())
     if n < 2 or node.attributes.get_int("axis", 0) not in (1, 1 - n) or \
-            any(v is None or const_array(v) is not None for v in node.inputs):
+            any(v is None or _constant(v) for v in node.inputs):
         return None
     return Concat(tuple(node.inputs))
 

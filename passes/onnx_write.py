@@ -66,7 +66,7 @@ class Emitter:
         out = node.outputs[0]
         out.name, out.type = self.name(op.lower()), self.target.type
         out.shape = ir.Shape(shape) if shape is not None else \
-            None if channels is None else _resized(self.target, self.view, channels)
+            None if channels is None else _resized(self.target, self.view.layout(self.target), channels)
         return out
 
     # -- the vocabulary
@@ -126,7 +126,9 @@ class Emitter:
         w, b = self._kernels(pii, term, None, body)  # [O, I/g, *k], [O]
         y = self.node("Conv", [axis0("Unsqueeze", xi), w, b], {**_geometry(term.static), "group": term.static.groups},
                       into=body)  # [1, O, ...]
-        graph = ir.Graph([xi, pii], [axis0("Squeeze", y)], nodes=body, name=self.name("body"))
+        yi = axis0("Squeeze", y)  # [O, ...]
+        yi.shape = ir.Shape(list(self.target.shape)[1:])
+        graph = ir.Graph([xi, pii], [yi], nodes=body, name=self.name("body"))
         return self.node("Scan", [x, pi], {"body": ir.AttrGraph("body", graph), "num_scan_inputs": 2})
 
     def _kernels(self, pi: ir.Value, term: BatchedConv, n: int | None, into=None) -> tuple[ir.Value, ir.Value]:
@@ -149,11 +151,12 @@ def _geometry(op: AffineConv) -> dict:
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 
 
-def _resized(value: ir.Value, view: OnnxView, channels: int) -> ir.Shape | None:
-    """`value`'s shape with `channels` on its channel axis (the one its layout names)."""
+def _resized(value: ir.Value, layout, channels: int) -> ir.Shape | None:
+    """`value`'s shape with `channels` on the channel axis `layout` names (the view's layout of the value
+    planned: a value written since is not in the view)."""
     if value.shape is None:
         return None
-    dims, layout = list(value.shape), view.layout(value)
+    dims = list(value.shape)
     dims[len(dims) - 1 - layout.rank if layout is not None else 1] = channels
     return ir.Shape(dims)
 
@@ -183,7 +186,7 @@ class Adapter:
         for edit in edits:
             if isinstance(edit, Resize):  # the same op with fewer channels: only its shape changes
                 value = replaced.get(edit.value, edit.value)
-                value.shape = _resized(value, view, edit.channels)
+                value.shape = _resized(value, view.layout(edit.value), edit.channels)
                 continue
             old = edit.value
             out.start(old)

@@ -41,8 +41,8 @@ def build(text: str, opset: int = 17, seed: int = 0, inputs: tuple = ("x",)) -> 
 
 
 def structure(graph: onnx.GraphProto, outer: dict | None = None, scope: str = "") -> tuple:
-    """Node by node (op type, attributes, inputs); an input is a graph input's position, an earlier node's
-    output, a float constant's dims or an integer constant's values."""
+    """Node by node (op type, attributes, inputs), then the outputs with their declared dims; an input is a
+    graph input's position, an earlier node's output, a float constant's dims or an integer constant's values."""
     names = dict(outer or {})
     for t in graph.initializer:
         a = numpy_helper.to_array(t)
@@ -57,7 +57,26 @@ def structure(graph: onnx.GraphProto, outer: dict | None = None, scope: str = ""
                 tuple(value) if isinstance(value, list) else value
         rows.append((node.op_type, attrs, tuple(names.get(i, i) for i in node.input)))
         names.update({o: f"{scope}node{j}.{k}" for k, o in enumerate(node.output)})
-    return tuple(rows), tuple(names[o.name] for o in graph.output)
+    return tuple(rows), tuple((names[o.name], dims(o)) for o in graph.output)
+
+
+def dims(v: onnx.ValueInfoProto) -> tuple:
+    return tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
+
+
+def shapes_agree(model: onnx.ModelProto) -> None:
+    """Every shape the writer declared is what ONNX's shape inference gives where it knows the dim (a size, or
+    a symbol of the graph's inputs)."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    inferred = {v.name: dims(v) for v in onnx.shape_inference.infer_shapes(bare).graph.value_info}
+    symbols = {d for v in model.graph.input for d in dims(v) if isinstance(d, str)}
+    for v in model.graph.value_info:
+        if v.name in inferred and v.type.tensor_type.HasField("shape"):
+            got, want = dims(v), inferred[v.name]
+            assert len(got) == len(want) and all(g == w for g, w in zip(got, want)
+                                                 if isinstance(w, int) and w or w in symbols), (v.name, got, want)
 
 
 def optimize(model: onnx.ModelProto, enable=()):
@@ -182,6 +201,22 @@ CASES = {
           r = Relu (c)
           y = Conv <kernel_shape=[1,1], strides=[1,1], dilations=[1,1], pads=[0,0,0,0], group=1> (r, w2, b2)
         }"""),
+    # dead_channels on tokens: a MatMul's weight is [I, O] and its output channels are the last axis
+    "dead_channels_tokens": ("dead_channels", (2, 3, 6), """
+        g (float[B,T,6] x, float[6,8] w1, float[8] b1, float[8,4] w2, float[4] b2) => (float[B,T,4] y) {
+          l = MatMul (x, w1)
+          a = Add (l, b1)
+          r = Relu (a)
+          l2 = MatMul (r, w2)
+          y = Add (l2, b2)
+        }""", """
+        g (float[B,T,6] x, float[6,7] w1, float[7] b1, float[7,4] w2, float[4] b2) => (float[B,T,4] y) {
+          l = MatMul (x, w1)
+          a = Add (l, b1)
+          r = Relu (a)
+          l2 = MatMul (r, w2)
+          y = Add (l2, b2)
+        }"""),
     # ghost_concat: concat(y, depthwise(y)) read by a dense conv -> one depthwise conv with two outputs per
     # channel, the reader's input channels permuted
     "ghost_concat": ("ghost_concat", (2, 3, 8, 8), """
@@ -263,12 +298,12 @@ CASES["dynamic_conv_scan"] = ("dynamic_conv", (3, 4, 8, 8), DYNAMIC.format(n="N"
         }""")
 
 
-def _dead_channel(model: onnx.ModelProto) -> None:
+def _dead_channel(model: onnx.ModelProto, weight_axis: int) -> None:
     """Zero output channel 1 of w1 / b1 (what network slimming leaves)."""
     for t in model.graph.initializer:
         if t.name in ("w1", "b1"):
             a = numpy_helper.to_array(t).copy()
-            a[1] = 0
+            a[(slice(None),) * (weight_axis if t.name == "w1" else 0) + (1,)] = 0
             t.CopyFrom(numpy_helper.from_array(a, t.name))
 
 
@@ -276,10 +311,11 @@ def _dead_channel(model: onnx.ModelProto) -> None:
 def test_golden(case):
     rule, shape, before, expected = CASES[case]
     model = build(before)
-    if case == "dead_channels":
-        _dead_channel(model)
+    if rule == "dead_channels":
+        _dead_channel(model, weight_axis=1 if "tokens" in case else 0)  # MatMul: [I, O]; Conv: [O, I, ...]
     fused, report = optimize(model, enable=["ghost_concat"] if rule == "ghost_concat" else ())
     assert structure(fused.graph) == structure(build(expected).graph)
+    shapes_agree(fused)
     assert rule_row(report, rule).applied >= 1
     same_numbers(model, fused, shape)
     if case == "dynamic_conv_scan":

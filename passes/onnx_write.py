@@ -132,7 +132,8 @@ class Emitter:
         return self.node("Scan", [x, pi], {"body": ir.AttrGraph("body", graph), "num_scan_inputs": 2})
 
     def _kernels(self, pi: ir.Value, term: BatchedConv, n: int | None, into=None) -> tuple[ir.Value, ir.Value]:
-        """W[n] = sum_k pi_k[n] W_k + W_S as [N*O, I/g, *k] and b[n] as [N*O] (pi [N, K], or [K] in a Scan)."""
+        """W[n] = sum_k pi_k[n] W_k + W_S as [N*O, I/g, *k] and b[n] as [N*O] (pi [N, K], or [K] in a Scan).
+        MatMul + Add, not Gemm: these are no layers (the reports count a Gemm as one)."""
         static, (k, o) = term.static, term.biases.shape
         w_k = self.weight("weights", term.weights.reshape(k, -1))  # [K, O*I/g*prod(k)]
         w = self.node("MatMul", [pi, w_k], into=into)  # [N, O*I/g*prod(k)]

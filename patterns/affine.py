@@ -214,14 +214,16 @@ def avg_pool(channels: int, rank: int, kernel, stride=None, padding=0, *, count_
     return AffineConv(w, np.zeros(channels), s, pads, (1,) * rank, channels)
 
 
-def channel_vector(c, value_ndim: int, channels: int) -> np.ndarray:
-    """The per-channel values of a constant broadcast over a [N, C, *spatial] tensor, or Declined
-    when it varies along any other axis (or would broadcast the tensor to a larger shape)."""
+def channel_vector(c, value_ndim: int, channels: int, rank: int | None = None) -> np.ndarray:
+    """The per-channel values of a constant broadcast over a tensor with `value_ndim` dims whose channel
+    axis is followed by `rank` dims (default: channels at axis 1), or Declined when it varies along any
+    other axis (or would broadcast the tensor to a larger shape)."""
     c = np.asarray(c)
     if c.size == 1:
         return np.full(channels, float(c.reshape(())))
+    axis = 1 if rank is None else value_ndim - 1 - rank
     shape = (1,) * (value_ndim - c.ndim) + c.shape
-    if c.ndim > value_ndim or any(n != 1 and not (i == 1 and n == channels) for i, n in enumerate(shape)):
+    if c.ndim > value_ndim or any(n != 1 and not (i == axis and n == channels) for i, n in enumerate(shape)):
         raise Declined("constant operand is not per-channel")
     return c.reshape(-1).astype(np.float64)
 

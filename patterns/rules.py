@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol
 
 from . import channels, dynamic, ghost, planner
 from .plan import Constant, Decline, Replace, RulePlan
-from .planner import GraphView, Key
+from .planner import GraphView
 
 log = logging.getLogger("repfuse")
 

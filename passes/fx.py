@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ..patterns import affine as A
+from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
@@ -225,13 +225,13 @@ def _conv(view: FxView, node, c: Call):
     w = torch.as_tensor(view.need(c["weight"], "conv weight"))
     bias = view.need(c["bias"], "conv bias")
     rank = w.dim() - 2
-    stride, dilation, padding = A._tuple(c["stride"], rank), A._tuple(c["dilation"], rank), c["padding"]
+    stride, dilation, padding = affine.as_tuple(c["stride"], rank), affine.as_tuple(c["dilation"], rank), c["padding"]
     if isinstance(padding, str):
         if padding not in ("valid", "same"):
             raise Declined(f"padding={padding!r}")
         total = [0] * rank if padding == "valid" else [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
         padding = [(t // 2, t - t // 2) for t in total]
-    return Affine(x, A.conv(_np(w), None if bias is None else _np(bias), stride, padding, dilation, c["groups"]))
+    return Affine(x, affine.conv(_np(w), None if bias is None else _np(bias), stride, padding, dilation, c["groups"]))
 
 
 def _batch_norm(view: FxView, node, c: Call):
@@ -248,7 +248,7 @@ def _batch_norm(view: FxView, node, c: Call):
     if eps is None:
         raise Declined("BatchNorm eps is a run-time input (torch.compile(dynamic=True) lifts module floats; "
                        "torch._dynamo.config.specialize_float = True keeps them constant)")
-    return Affine(x, A.batchnorm(*[None if v is None else _np(v) for v in vals], float(eps), layout.rank))
+    return Affine(x, affine.batchnorm(*[None if v is None else _np(v) for v in vals], float(eps), layout.rank))
 
 
 def _getitem(view: FxView, node, c: Call):
@@ -266,7 +266,7 @@ def _linear_of(view: FxView, x, weight, bias):
     shape = node_shape(x)
     if shape is None or len(shape) < 2:
         raise Declined("linear over an input of unknown shape")
-    return Affine(x, A.linear(_np(weight), None if bias is None else _np(bias)))  # y = x @ W.T + b over the last dim
+    return Affine(x, affine.linear(_np(weight), None if bias is None else _np(bias)))  # y = x @ W.T + b over the last dim
 
 
 def _linear(view: FxView, node, c: Call):
@@ -309,14 +309,14 @@ def _avg_pool(view: FxView, node, c: Call):
     rank = layout.rank
     if len(node_shape(x)) != rank + 2 or rank == 0:
         raise Declined("input shape unknown or not channels-first")
-    return Affine(x, A.avg_pool(layout.channels, rank, c["kernel_size"], c["stride"], c["padding"],
+    return Affine(x, affine.avg_pool(layout.channels, rank, c["kernel_size"], c["stride"], c["padding"],
                                 count_include_pad=c["count_include_pad"], ceil_mode=c["ceil_mode"],
                                 divisor=c["divisor_override"], input_size=node_shape(x)[2:]))
 
 
 def _identity(view: FxView, node, c: Call):
     x = view.input(c["input"])
-    return Affine(x, A.identity(*view.need_layout(x)))
+    return Affine(x, affine.identity(*view.need_layout(x)))
 
 
 def _dropout(view: FxView, node, c: Call):
@@ -337,14 +337,14 @@ def _clamp(view: FxView, node, c: Call):
 def _per_channel(view: FxView, x, scale, shift):
     x = view.input(x)
     channels, rank = view.need_layout(x)
-    return Affine(x, A.per_channel(np.broadcast_to(scale, (channels,)), np.broadcast_to(shift, (channels,)), rank))
+    return Affine(x, affine.per_channel(np.broadcast_to(scale, (channels,)), np.broadcast_to(shift, (channels,)), rank))
 
 
 def _channel_const(view: FxView, x, c) -> np.ndarray:
     channels, rank = view.need_layout(x)
     if isinstance(c, (int, float)):
         return np.full(channels, float(c))
-    return A.channel_vector(_np(c), len(node_shape(x)), channels, rank)
+    return affine.channel_vector(_np(c), len(node_shape(x)), channels, rank)
 
 
 def _sum(view: FxView, node, c: Call):

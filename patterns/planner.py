@@ -19,7 +19,7 @@ from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from . import affine as A
+from . import affine
 from .affine import AffineConv, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
 from .plan import Apply, Replace, RulePlan
@@ -42,7 +42,7 @@ class PadWith:
     """value = input padded by `pads` with the per-channel constant `values` (DBB's BN-and-pad)."""
 
     input: Key
-    pads: A.Pads
+    pads: affine.Pads
     values: np.ndarray
     rtol: float = 1e-5  # precision the values were computed in
 
@@ -80,12 +80,12 @@ class Pointwise:
     fn: object  # Callable[[np.ndarray], np.ndarray]
 
 
-def padded(input: Key, channels: int, pads: A.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
+def padded(input: Key, channels: int, pads: affine.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
     """Padding with a constant (scalar or per channel): zero padding is an affine op, anything else waits
     for the op before it to produce exactly that value on a zero input."""
     values = np.broadcast_to(np.asarray(values, dtype=np.float64), (channels,))
     if not np.any(values):
-        return Affine(input, A.zero_pad(channels, pads))
+        return Affine(input, affine.zero_pad(channels, pads))
     return PadWith(input, pads, values.copy(), rtol)
 
 
@@ -207,7 +207,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
         layout = view.layout(u)
         if layout is None:
             return None
-        return Region(u, A.identity(*layout), (), 0.0)
+        return Region(u, affine.identity(*layout), (), 0.0)
 
     def merged(parts: Sequence[Region], v: Key) -> tuple[Key, ...]:
         nodes = {n for p in parts for n in p.nodes}
@@ -222,7 +222,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
         if d is None or isinstance(d, (Scaled, Pointwise)):
             continue
         try:
-            region = _extend(view, v, d, input_map, merged)
+            region = _extend_region(view, v, d, input_map, merged)
         except Declined as e:
             declined[v] = str(e)
             region = _fresh(v, d)
@@ -247,25 +247,25 @@ def _fresh(v: Key, d: Description) -> Region | None:
     return None
 
 
-def _extend(view, v, d, input_map, merged) -> Region | None:
+def _extend_region(view, v, d, input_map, merged) -> Region | None:
     if isinstance(d, Affine):
         m = input_map(d.input)
         if m is None or not m.nodes:
             return _fresh(v, d)
-        reason = A.check_compose(d.op, m.op)
+        reason = affine.check_compose(d.op, m.op)
         if reason:
             raise Declined(reason)
-        op = A.compose(d.op, m.op)
+        op = affine.compose(d.op, m.op)
         return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride))
 
     if isinstance(d, PadWith):
         m = input_map(d.input)
         if m is None or not m.nodes:
             return None
-        reason = A.check_pad_with(m.op, d.pads, d.values, d.rtol)
+        reason = affine.check_pad_with(m.op, d.pads, d.values, d.rtol)
         if reason:
             raise Declined(reason)
-        op = A.pad_with(m.op, d.pads)
+        op = affine.pad_with(m.op, d.pads)
         return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride))
 
     maps = [input_map(u) for u in d.inputs]
@@ -275,19 +275,19 @@ def _extend(view, v, d, input_map, merged) -> Region | None:
     if len(sources) != 1:
         raise Declined("branches read different tensors")
     if isinstance(d, Sum):
-        ops = [A.scale(m.op, w) if w != 1 else m.op for m, w in zip(maps, d.weights)]
+        ops = [affine.scale(m.op, w) if w != 1 else m.op for m, w in zip(maps, d.weights)]
         op = ops[0]
         for other in ops[1:]:
-            reason = A.check_add(op, other)
+            reason = affine.check_add(op, other)
             if reason:
                 raise Declined(reason)
-            op = A.add(op, other)
+            op = affine.add(op, other)
     else:
         ops = [m.op for m in maps]
-        reason = A.check_concat(ops)
+        reason = affine.check_concat(ops)
         if reason:
             raise Declined(reason)
-        op = A.concat(ops)
+        op = affine.concat(ops)
     cost = sum(m.cost for m in {id(m): m for m in maps}.values())
     cost += elementwise_cost(op.out_channels, op.stride)
     return Region(maps[0].source, op, merged(maps, v), cost)

@@ -19,7 +19,7 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Layout, Pointwise, Scaled, Sum, padded, precision
+from ..patterns.planner import Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, padded, precision
 from .fx_dialects import CONV_MODULES, Call, normalize
 from .report import GraphStats
 
@@ -90,7 +90,7 @@ class FxView:
                 fx.node.map_arg(n.args, self._outputs.add)
             else:
                 self._const[n] = self._constant_value(n)
-        self._channels_last = self._token_values()
+        self.channels_last = self._token_values()
 
     # -- GraphView
     def values(self):
@@ -111,8 +111,8 @@ class FxView:
         dtype = node_dtype(node)
         if shape is None or len(shape) < 2 or (dtype is not None and not dtype.is_floating_point):
             return None
-        last = node in self._channels_last or len(shape) == 2
-        channels = _static(shape[-1] if last else shape[1])
+        last = node in self.channels_last or len(shape) == 2
+        channels = static_size(shape[-1] if last else shape[1])
         return None if channels is None else Layout(channels, 0 if last else len(shape) - 2)
 
     def foldable(self, node: fx.Node) -> bool:
@@ -202,17 +202,20 @@ class FxView:
         return layout
 
     def _token_values(self) -> set[fx.Node]:
-        """Values a linear reads or writes over the last dim of an N-D tensor ([B, N, C] tokens): channels last."""
+        """Values read channels-last: what a linear reads or writes over the last dim of an N-D tensor
+        ([B, N, C] tokens), and reshapes of those that keep the last dim."""
         out = set()
         for node in self._values:
             try:
                 call = self.call(node)
             except Declined:
                 continue
-            x = call["input"] if call is not None and call.op in ("linear", "matmul", "addmm") else None
+            op, x = (call.op, call["input"]) if call is not None else (None, None)
             shape = node_shape(x)
-            if shape is not None and len(shape) > 2:
+            if op in ("linear", "matmul", "addmm") and shape is not None and len(shape) > 2:
                 out.update((x, node))
+            elif op == "regroup" and (x in out or (shape is not None and len(shape) == 2)):
+                out.add(node)
         return out
 
 
@@ -362,7 +365,7 @@ def _sum(view: FxView, node, c: Call):
         return _per_channel(view, b, wb, wa * _channel_const(view, b, ca))
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
         return None
-    if not _same_shape(node_shape(a), node_shape(b)) or not _same_shape(node_shape(node), node_shape(a)):
+    if not same_shape(node_shape(a), node_shape(b)) or not same_shape(node_shape(node), node_shape(a)):
         raise Declined("operands of different shapes (broadcasting)")
     if node.target in (operator.iadd, operator.isub) and len(a.users) > 1:
         raise Declined("in-place add on a tensor that is read elsewhere")
@@ -386,9 +389,9 @@ def _scaled(view: FxView, node, a, b):
         return None
     for x, s in ((a, b), (b, a)):
         xs, ss = node_shape(x), node_shape(s)
-        if xs is None or ss is None or len(xs) != len(ss) or len(xs) < 2 or not _same_shape(node_shape(node), xs):
+        if xs is None or ss is None or len(xs) != len(ss) or len(xs) < 2 or not same_shape(node_shape(node), xs):
             continue
-        if _same_shape(ss[:1], xs[:1]) and all(_static(d) == 1 for d in ss[1:]) and view.layout(x):
+        if same_shape(ss[:1], xs[:1]) and all(static_size(d) == 1 for d in ss[1:]) and view.layout(x):
             return Scaled(x, s)
     return None
 
@@ -404,6 +407,17 @@ def _neg(view: FxView, node, c: Call):
     return _per_channel(view, c["input"], -1.0, 0.0)
 
 
+def _regroup(view: FxView, node, c: Call):
+    """A reshape that only regroups the leading dims of a channels-last value (tokens [B, N, C] -> [B*N, C])."""
+    x = view.input(c["input"])
+    before, after, layout = node_shape(x), node_shape(node), view.layout(x)
+    if before is None or after is None or len(after) < 2 or layout is None or layout.rank:
+        return None
+    if static_size(after[-1]) != layout.channels or node not in view.channels_last:
+        return None
+    return Regroup(x)
+
+
 def _cat(view: FxView, node, c: Call):
     tensors, shape, layout = c["tensors"], node_shape(node), view.layout(node)
     if shape is None or layout is None or c["dim"] % len(shape) != len(shape) - 1 - layout.rank:
@@ -416,7 +430,7 @@ def _cat(view: FxView, node, c: Call):
 READERS = {"conv": _conv, "batch_norm": _batch_norm, "getitem": _getitem, "linear": _linear, "addmm": _matmul,
            "matmul": _matmul, "pad": _pad, "avg_pool": _avg_pool, "identity": _identity, "dropout": _dropout,
            "activation": _activation, "clamp": _clamp, "add": _sum, "sub": _sum, "mul": _mul, "div": _div,
-           "neg": _neg, "cat": _cat}
+           "neg": _neg, "cat": _cat, "regroup": _regroup}
 
 
 # ---------------------------------------------------------------- DBB's border writes
@@ -501,7 +515,7 @@ def _np(t) -> np.ndarray:
     return torch.as_tensor(t).detach().to("cpu", torch.float64).numpy()
 
 
-def _static(d) -> int | None:
+def static_size(d) -> int | None:
     """A size that is the same for every input: an int, or a symbolic size the capture pinned to one value."""
     if isinstance(d, int):
         return d
@@ -512,7 +526,7 @@ def _static(d) -> int | None:
         return None
 
 
-def _same_shape(a, b) -> bool:
+def same_shape(a, b) -> bool:
     """Equal for every input (not just the example): equal ints, or the same symbolic expressions.
     Compares without asking the shape environment, so it adds no guard."""
     if a is None or b is None or len(a) != len(b):

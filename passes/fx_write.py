@@ -19,7 +19,7 @@ from torch import fx
 from ..patterns import plan as P
 from ..patterns import rules as R
 from ..patterns.affine import AffineConv
-from .fx import SHAPE_META, FxView, example_size, graph_stats, is_pure, node_shape
+from .fx import SHAPE_META, FxView, same_shape, example_size, graph_stats, is_pure, node_shape, static_size
 from .report import FusionReport
 
 __all__ = ["run_rules", "fuse_graph_module", "FxAdapter"]
@@ -48,8 +48,9 @@ def to_tensor(array: np.ndarray, like: torch.Tensor | None) -> torch.Tensor:
 class FxEmitter:
     """Builds one edit's nodes before `at`, with constants in the dtype of `like`."""
 
-    def __init__(self, adapter: "FxAdapter", view: FxView, at: fx.Node, like: torch.Tensor | None):
+    def __init__(self, adapter: "FxAdapter", view: FxView, at: fx.Node, like: torch.Tensor | None, source=None):
         self.adapter, self.view, self.graph, self.at, self.like = adapter, view, view.graph, at, like
+        self.source = source  # the value the edit's term reads
 
     def _const(self, array: np.ndarray) -> fx.Node:
         return self.adapter.new_constant(to_tensor(array, self.like), self.at)
@@ -87,6 +88,14 @@ class FxEmitter:
 
     def relu(self, x: fx.Node) -> fx.Node:
         return self._call(torch.relu, x)
+
+    def reshape(self, x: fx.Node, like: fx.Node) -> fx.Node:
+        """x (the fused op on the source: the source's leading dims) reshaped to like's shape."""
+        sizes = _target_shape(node_shape(like), node_shape(self.source))
+        if sizes == "same":
+            return x
+        sizes = [self._call(torch.ops.aten.sym_size.int, x, d[1]) if isinstance(d, tuple) else d for d in sizes]
+        return self._call(torch.reshape, x, sizes)
 
     def batched_conv(self, x: fx.Node, term: P.BatchedConv) -> fx.Node:
         """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g)."""
@@ -140,6 +149,8 @@ class FxAdapter:
 
     def cannot_write(self, view: FxView, edit: P.Replace) -> str | None:
         for term in P.terms(edit.term):
+            if isinstance(term, P.Reshape) and _target_shape(node_shape(term.like), node_shape(_source(term))) is None:
+                return "the region's output shape has dynamic dims its input does not give"
             op = term.op if isinstance(term, P.Apply) else term.static if isinstance(term, P.BatchedConv) else None
             if op is not None and P.lower(op)[0][0] == "conv" and op.rank not in _CONV_FN:
                 return f"{op.rank}-D convolution"
@@ -152,8 +163,8 @@ class FxAdapter:
                 _resize(replaced.get(edit.value, edit.value), view, edit.value, edit.channels)
                 continue
             old = edit.value
-            like = example_like(old)
-            out = FxEmitter(self, view, old, like if like is not None else example_like(_source(edit.term)))
+            like, source = example_like(old), _source(edit.term)
+            out = FxEmitter(self, view, old, like if like is not None else example_like(source), source)
             new = P.emit(out, edit.term, lambda key: replaced.get(key, key))
             new.meta.update({k: v for k, v in old.meta.items() if k in SHAPE_META + ("stack_trace", "nn_module_stack")})
             old.replace_all_uses_with(new)
@@ -166,6 +177,20 @@ class FxAdapter:
             n.op in ("call_function", "call_method") and not is_pure(n)))
         self.gm.graph.lint()
         self.gm.recompile()
+
+
+def _target_shape(target, source):
+    """How to reshape a value with the source's leading dims to `target`: "same" when nothing changes, else
+    one entry per dim: a static size, ("dim", j) for the source's dim j, or -1 (once); None if impossible."""
+    if target is None or source is None:
+        return None
+    if same_shape(target[:-1], source[:-1]):
+        return "same"
+    sizes = []
+    for d in target:
+        match = [j for j, s in enumerate(source[:-1]) if same_shape((s,), (d,))]
+        sizes.append(static_size(d) if static_size(d) is not None else ("dim", match[0]) if match else -1)
+    return sizes if sizes.count(-1) <= 1 else None
 
 
 def _source(term):

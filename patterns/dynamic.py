@@ -46,7 +46,8 @@ def aggregate(view: GraphView) -> RulePlan:
     edits, declined = plan_dynamic(view)
 
     def summary(written) -> tuple[int, str]:
-        return len(written), f"{sum(len(e.term.scales) for e in written)} weighted convs -> {len(written)}"
+        convs = sum(len(e.term.scales) for e in written)
+        return len(written), f"{convs} weighted convs -> {len(written)}" if written else ""
 
     return RulePlan(edits, declined, *summary(edits), summary=summary)
 

@@ -10,9 +10,10 @@ It never touches an IR.  The vocabulary:
     Apply        an AffineConv on a term; `lower` decides how it is written (one conv,
                  one linear, or a per-channel scale and shift)
     Relu         relu of a term
+    Reshape      a term reshaped like an existing value (tokens [B, N, C] <-> [B*N, C])
     BatchedConv  one conv whose kernel differs per sample (dynamic-conv aggregation)
 
-Each IR has one writer: an `Emitter` (constant, conv, linear, scale_shift, relu,
+Each IR has one writer: an `Emitter` (constant, conv, linear, scale_shift, relu, reshape,
 batched_conv) that `emit` drives over a term, plus the IR's own walk that places the
 result, replaces uses and removes what died.  An IR that cannot express an edit says why
 (`Writer.cannot_write`) and the driver records a decline; a rule never guesses.
@@ -58,6 +59,14 @@ class Relu:
 
 
 @dataclass(frozen=True, eq=False)
+class Reshape:
+    """input reshaped to the shape of the existing value `like` (only leading batch dims differ)."""
+
+    input: "Term"
+    like: Key
+
+
+@dataclass(frozen=True, eq=False)
 class BatchedConv:
     """conv(x[n], W[n]) + b[n] with W[n] = sum_k pi_k[n] W_k + W_S and b[n] = sum_k pi_k[n] b_k + b_S."""
 
@@ -72,7 +81,7 @@ class BatchedConv:
         return bool(np.any(self.static.weight))
 
 
-Term = Union[Key, Constant, Apply, Relu, BatchedConv]
+Term = Union[Key, Constant, Apply, Relu, Reshape, BatchedConv]
 
 
 # ---------------------------------------------------------------- edits and plans
@@ -115,6 +124,8 @@ def _shape(term, label) -> Any:
         return ("apply", _shape(term.input, label), term.op.signature())
     if isinstance(term, Relu):
         return ("relu", _shape(term.input, label))
+    if isinstance(term, Reshape):
+        return ("reshape", _shape(term.input, label), label(term.like))
     if isinstance(term, BatchedConv):
         return ("batched", _shape(term.input, label), tuple(map(label, term.scales)), term.weights.shape)
     if isinstance(term, Constant):
@@ -157,6 +168,7 @@ class Emitter(Protocol):
     def linear(self, x: Any, weight: np.ndarray, bias: np.ndarray) -> Any: ...
     def scale_shift(self, x: Any, scale: np.ndarray | None, shift: np.ndarray | None, rank: int) -> Any: ...
     def relu(self, x: Any) -> Any: ...
+    def reshape(self, x: Any, like: Key) -> Any: ...
     def batched_conv(self, x: Any, term: BatchedConv) -> Any: ...
 
 
@@ -176,6 +188,8 @@ def emit(out: Emitter, term: Term, value_of: Callable[[Key], Any]) -> Any:
         return x
     if isinstance(term, Relu):
         return out.relu(emit(out, term.input, value_of))
+    if isinstance(term, Reshape):
+        return out.reshape(emit(out, term.input, value_of), term.like)
     if isinstance(term, BatchedConv):
         return out.batched_conv(emit(out, term.input, value_of), term)
     return value_of(term)

@@ -22,7 +22,7 @@ import numpy as np
 from . import affine
 from .affine import AffineConv, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
-from .plan import Apply, Replace, RulePlan
+from .plan import Apply, Replace, Reshape, RulePlan
 
 Key = Hashable
 
@@ -63,6 +63,14 @@ class Concat:
 
 
 @dataclass(frozen=True)
+class Regroup:
+    """value = input with its leading (batch) dims regrouped, channels last on both sides ([B, N, C] ->
+    [B*N, C]: flatten, view, reshape).  A rank-0 op acts on every row alike, so it commutes with this."""
+
+    input: Key
+
+
+@dataclass(frozen=True)
 class Scaled:
     """value = scale * input, `scale` a per-sample scalar tensor ([N, 1, ...]) computed from data
     (a dynamic conv's attention).  Not affine; `repfuse.patterns.dynamic` reads it."""
@@ -94,7 +102,7 @@ def precision(eps: float) -> float:
     return max(1e-5, 4 * float(eps))
 
 
-Description = Affine | PadWith | Sum | Concat | Scaled | Pointwise
+Description = Affine | PadWith | Sum | Concat | Regroup | Scaled | Pointwise
 
 
 class Layout(NamedTuple):
@@ -158,6 +166,7 @@ class Region:
     nodes: tuple[Key, ...]
     cost: float
     expensive: bool | None = None  # kept by _release
+    regrouped: bool = False  # the root's leading dims differ from the source's (a Regroup inside)
 
     @property
     def root(self) -> Key:
@@ -237,7 +246,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
 def _release(region: Region) -> Region:
     """An absorbed region keeps what selection reads, not its fused weights: a chain of large convs
     would otherwise hold one fused copy per value."""
-    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region))
+    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region), region.regrouped)
 
 
 def _fresh(v: Key, d: Description) -> Region | None:
@@ -256,7 +265,7 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         if reason:
             raise Declined(reason)
         op = affine.compose(d.op, m.op)
-        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride))
+        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regrouped=m.regrouped)
 
     if isinstance(d, PadWith):
         m = input_map(d.input)
@@ -266,7 +275,14 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         if reason:
             raise Declined(reason)
         op = affine.pad_with(m.op, d.pads)
-        return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride))
+        return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride),
+                      regrouped=m.regrouped)
+
+    if isinstance(d, Regroup):
+        m = input_map(d.input)
+        if m is None or not m.nodes or m.op.rank != 0:
+            return None
+        return Region(m.source, m.op, m.nodes + (v,), m.cost, regrouped=True)  # a view: costs nothing
 
     maps = [input_map(u) for u in d.inputs]
     if any(m is None for m in maps):
@@ -290,11 +306,11 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         op = affine.concat(ops)
     cost = sum(m.cost for m in {id(m): m for m in maps}.values())
     cost += elementwise_cost(op.out_channels, op.stride)
-    return Region(maps[0].source, op, merged(maps, v), cost)
+    return Region(maps[0].source, op, merged(maps, v), cost, regrouped=any(m.regrouped for m in maps))
 
 
 def _inputs(d: Description) -> tuple[Key, ...]:
-    return (d.input,) if isinstance(d, (Affine, PadWith)) else tuple(d.inputs)
+    return (d.input,) if isinstance(d, (Affine, PadWith, Regroup)) else tuple(d.inputs)
 
 
 def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
@@ -330,7 +346,8 @@ def _too_expensive(region: Region) -> bool:
 def fuse_regions(view: GraphView) -> RulePlan:
     """Every maximal affine region becomes its fused op over the region's source."""
     found = plan(view)
-    edits = [Replace(r.root, Apply(r.source, r.op), r.nodes) for r in found.regions]
+    edits = [Replace(r.root, Reshape(Apply(r.source, r.op), r.root) if r.regrouped else Apply(r.source, r.op),
+                     r.nodes) for r in found.regions]
 
     def summary(written) -> tuple[int, str]:
         return len(written), f"{sum(len(e.erase) for e in written)} ops"

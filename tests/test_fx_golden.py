@@ -108,3 +108,44 @@ def test_standalone_per_channel_affine_never_becomes_a_conv():
 
     gm = deployed(Residual(), (2, 4, 9, 9))
     assert ops(gm).count("conv2d") == 2 and set(ops(gm)) <= {"conv2d", "relu", "add", "mul", "batch_norm"}
+
+
+class Tokens(nn.Module):
+    """LeViT-style tokens [B, N, C]: Linear -> BatchNorm1d over C (through flatten(0, 1)) -> Linear -> LayerScale."""
+
+    def __init__(self, bn_over_tokens: bool = False):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.bn = nn.BatchNorm1d(5 if bn_over_tokens else 16)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.bn_over_tokens = bn_over_tokens
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        if self.bn_over_tokens:  # BatchNorm1d on [B, N, C] normalizes dim 1: the tokens, not the channels
+            return self.fc2(self.bn(self.fc(x))) * self.gamma
+        return self.fc2(self.bn(self.fc(x).flatten(0, 1)).reshape(b, n, -1)) * self.gamma
+
+
+def test_tokens_linear_batchnorm_layerscale_fuse_to_one_linear():
+    gm = deployed(Tokens(), (3, 5, 8))
+    assert ops(gm) == ["linear"]  # the whole chain is one linear over C; flatten/reshape cancel
+    assert [tuple(p.shape) for p in gm.parameters()] == [(8, 8), (8,)]
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 8), (1, 5, 8)])
+def test_tokens_fused_linear_serves_other_sizes(shape):
+    model = B.randomize(Tokens()).eval()
+    gm = repfuse.deploy(model, (torch.randn(3, 5, 8),))
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ref = model(x)
+        assert (gm(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert ops(gm) == ["linear"]
+
+
+def test_batchnorm_over_the_token_axis_is_not_a_channel_affine():
+    gm = deployed(Tokens(bn_over_tokens=True), (3, 5, 8))
+    assert "batch_norm" in ops(gm) or "_native_batch_norm_legit_no_training" in ops(gm)
+    reasons = {(d.rule, d.reason) for d in gm.meta["repfuse_report"].declined}
+    assert ("affine", "BatchNorm over dim 1 of a tensor read channels-last") in reasons

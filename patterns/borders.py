@@ -1,9 +1,12 @@
 """Recognizing "pad, then overwrite every border with a per-channel constant".
 
 This is how DBB's BN-and-pad layer reaches a graph: a zero Pad followed by
-in-place writes to the four border slices (setitem in FX, ScatterND in ONNX,
-slice_scatter in Relax).  Each adapter replays the writes it found on a
-NaN-filled array of the padded shape; this check decides what they amount to.
+in-place writes to the four border slices (setitem or slice + copy_ in FX,
+ScatterND in ONNX, slice_scatter in Relax).  Every adapter replays the writes it
+found on a NaN-filled array and lets `border_fill` decide what they amount to:
+ONNX and Relax on the padded tensor itself (static shapes), FX through
+`border_fill_of_writes`, whose writes are relative to the ends and so hold at
+every input size.
 """
 
 from __future__ import annotations

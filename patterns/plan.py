@@ -44,17 +44,24 @@ class Decline:
 
 @dataclass(frozen=True, eq=False)
 class Constant:
+    """The plan-time value the view computed for `of`, stored as one constant."""
+
     of: Key
 
 
 @dataclass(frozen=True, eq=False)
 class Apply:
+    """op(input): one conv, one linear or a per-channel scale and shift, as `lower(op)` decides for
+    every IR."""
+
     input: "Term"
     op: AffineConv
 
 
 @dataclass(frozen=True, eq=False)
 class Relu:
+    """max(input, 0): Ghost concat's cheap half keeps its ReLU."""
+
     input: "Term"
 
 

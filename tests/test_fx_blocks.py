@@ -92,7 +92,7 @@ def test_bn_conv_padded_fuses_when_bn_shift_is_zero():
 
 
 def test_deploy_leaves_training_model_untouched():
-    model = B.randomize(B.RepVGGBlock()).train()
+    model = B.randomize(B.RepVGGBlock(8, 8)).train()
     x = torch.randn(2, 8, 9, 9)
     repfuse.deploy(model, (x,))
     assert model.training and all(m.training for m in model.modules())
@@ -176,7 +176,7 @@ def test_cost_refusal_is_reported():
 
 
 def test_report_table_is_readable():
-    model = B.randomize(B.RepVGGBlock())
+    model = B.randomize(B.RepVGGBlock(8, 8))
     gm = repfuse.deploy(model, (torch.randn(2, 8, 9, 9),))
     text = gm.meta["repfuse_report"].table(explain=True)
     assert "convs" in text and "regions fused: 1" in text

@@ -279,7 +279,7 @@ def test_ghost_concat_with_declined_neighbours(blocker):
 @pytest.fixture
 def rep_block():
     torch._dynamo.reset()
-    yield B.randomize(B.RepVGGBlock())
+    yield B.randomize(B.RepVGGBlock(8, 8))
     torch._dynamo.reset()
 
 

@@ -1,1 +1,2 @@
-"""How users reach the passes: torch.compile backend and deploy (pytorch), CLI and TVM to come."""
+"""How users reach the passes: `repfuse.deploy` and the torch.compile backend (pytorch), the `repfuse` command
+line and ONNX API (cli, onnx), the Relax pass and pipeline (tvm)."""

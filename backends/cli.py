@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-EXAMPLES = """\
+_EXAMPLES = """\
 examples:
   repfuse optimize model.onnx -o model.opt.onnx
   repfuse optimize model.onnx -o model.opt.onnx --check --report report.json
@@ -24,14 +24,11 @@ examples:
   repfuse optimize --list-rules
 
 what it does:
-  onnxsim (constant folding, shape inference), then the rules in order (see
-  --list-rules): constant_folding (parameter-only computations such as weight
-  slicing), affine (every region of Conv, BatchNormalization, Gemm/MatMul,
-  per-channel Add/Sub/Mul/Div, Pad, AveragePool (count_include_pad), Identity
-  and channel Concat that reads one tensor becomes one Conv or Gemm, when that
-  is exact and not more expensive), dynamic_conv (sum_k pi_k * conv_k -> one
-  conv with per-sample kernels) and dead_channels (constant channels removed).
-  Everything else (custom domains, Q/DQ regions) is left as it is.
+  onnxsim (constant folding, shape inference), then the rules below, in this
+  order, each exact or leaving the graph alone.  Everything else (custom
+  domains, Q/DQ regions) is left as it is.
+
+{rules}
 
 exit codes: 0 done, 1 --check found different outputs (OUT is not written),
 2 bad input or a check that cannot run.  OUT appears only when the command succeeds.
@@ -83,18 +80,24 @@ def _add_rule_options(p: argparse.ArgumentParser) -> None:
 def rules_table() -> str:
     from ..patterns.rules import RULES
 
+    import textwrap
+
     width = max(len(r.name) for r in RULES)
     lines = [f"{'rule':<{width}}  default  what it does (run in this order)"]
-    lines += [f"{r.name:<{width}}  {'on' if r.default else 'off':<7}  {r.summary}" for r in RULES]
+    for r in RULES:
+        text = textwrap.wrap(r.summary, 90 - width - 11) or [""]
+        lines.append(f"{r.name:<{width}}  {'on' if r.default else 'off':<7}  {text[0]}")
+        lines += [" " * (width + 11) + more for more in text[1:]]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    examples = _EXAMPLES.format(rules=rules_table())
     parser = argparse.ArgumentParser(
         prog="repfuse", description="Fold training-form branches into deployment graphs, exactly.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    opt = sub.add_parser("optimize", help="optimize an ONNX file", epilog=EXAMPLES,
+    opt = sub.add_parser("optimize", help="optimize an ONNX file", epilog=examples,
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Rewrite an ONNX model exactly: fold parameter-only computations, fuse "
                                      "affine regions into one Conv or Gemm, aggregate dynamic convs and remove "

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ..passes import fx as fxpass
 from ..passes.report import FusionReport
-from ..passes.fx_rewrites import run_rules
+from ..passes.fx_write import fuse_graph_module, run_rules
 
 log = logging.getLogger("repfuse")
 
@@ -68,7 +68,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     module = copy.deepcopy(model).eval()
     with torch.no_grad():
         gm = _capture(module, example_inputs, dynamic_shapes)
-        report = fxpass.fuse_graph_module(gm, rules=rules)
+        report = fuse_graph_module(gm, rules=rules)
     gm.meta["repfuse_report"] = report
     if explain:
         log.warning("repfuse.deploy:\n%s", report.table(explain=True))
@@ -295,9 +295,8 @@ def _not_inference(gm: fx.GraphModule, example_inputs) -> str | None:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is torch.nn.functional.batch_norm and fxpass._arg(node, 5, "training", False):
-            return "BatchNorm in training mode"
-        if node.target is torch.batch_norm and node.args[5]:
+        call = fxpass.normalize(node, gm)
+        if call is not None and call.op == "batch_norm" and call["training"]:
             return "BatchNorm in training mode"
     return None
 
@@ -333,7 +332,7 @@ def _static_examples(tensors: list[torch.Tensor]) -> list:
 class FusedGraph:
     """The callable handed back to dynamo: prologue (cached fused weights) + inner-compiled fused graph.
 
-    The rules (`passes.fx_rewrites.run_rules`) rewrite a copy of dynamo's graph; every
+    The rules (`passes.fx_write.run_rules`) rewrite a copy of dynamo's graph; every
     constant they create (fused weights, folded slices, aggregated kernels) becomes a new
     placeholder that the prologue fills.  The inner graph takes only the outer arguments
     the fused graph still reads (`_kept`), then those constants.  The prologue watches only
@@ -354,29 +353,29 @@ class FusedGraph:
 
         params = [example_inputs[i] for i in self.param_index]
         with torch.no_grad():
-            work, run = self._rewrite(params)
+            work, (run, created) = self._rewrite(params)
             before = fxpass.graph_stats(fxpass.FxView(gm, self._constants(gm, params)))
             self.run = run
-            if not run.changed:
-                self.report = FusionReport(before, before, [], run.declined, rules=list(run.rules.values()))
+            if not run.modified:
+                self.report = FusionReport.of(before, before, run)
                 return
-            after = fxpass.graph_stats(fxpass.FxView(work, self._constants(work, params, run.created)))
+            after = fxpass.graph_stats(fxpass.FxView(work, self._constants(work, params, created)))
             watched = self._rewritten_params(gm, work)
             kept = self._drop_unused_inputs(work, example_inputs)
             # constants a later round folded again are read by nothing: neither passed nor recomputed
-            self._created = [n.name for n in work.graph.nodes if n.op == "placeholder" and n.name in run.created]
+            self._created = [n.name for n in work.graph.nodes if n.op == "placeholder" and n.name in created]
         self.graph_module = work
-        self.report = FusionReport(before, after, run.regions, run.declined, rules=list(run.rules.values()))
+        self.report = FusionReport.of(before, after, run)
         self._signature = run.signature
         self._watched = _getter(watched)
         self._kept = _getter(kept)
-        tensors = [run.created[name] for name in self._created]
+        tensors = [created[name] for name in self._created]
         self._remember(self._watched(example_inputs), tensors)
         self.compiled = inner(work, [example_inputs[i] for i in kept] + _static_examples(tensors))
 
     @property
     def changed(self) -> bool:
-        return self.run.changed
+        return self.run.modified
 
     # -- rewriting
     def _constants(self, gm: fx.GraphModule, params: list, created: dict | None = None) -> dict:
@@ -434,14 +433,14 @@ class FusedGraph:
     def _refresh(self, args: tuple) -> None:
         self.recomputes += 1
         with torch.no_grad():
-            _, run = self._rewrite([args[i] for i in self.param_index])
+            _, (run, created) = self._rewrite([args[i] for i in self.param_index])
         if run.signature != self._signature:
             log.warning("repfuse: new weights change what can be rewritten exactly; running the unfused graph")
             self._use_fallback = True
             self._remember(self._watched(args), [])
             return
         self._use_fallback = False
-        self._remember(self._watched(args), [run.created[name] for name in self._created])
+        self._remember(self._watched(args), [created[name] for name in self._created])
 
     def __call__(self, *args):
         watched = self._watched(args)

@@ -17,18 +17,18 @@ absorbed regions (one float64 copy per value of every region) it was 94.5 s and 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
 def build(folder: Path, channels: int, blocks: int, size: int, seed: int = 0) -> Path:
@@ -85,9 +85,7 @@ def main() -> int:
     parser.add_argument("--keep", metavar="DIR", help="build in DIR and keep the files")
     args = parser.parse_args()
 
-    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="repfuse-ext-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
+    with harness.workdir(args.keep, "repfuse-ext-") as folder:
         start = time.perf_counter()
         src = build(folder, args.channels, args.blocks, args.size)
         size_in = src.stat().st_size + (folder / "model.onnx.data").stat().st_size
@@ -112,9 +110,6 @@ def main() -> int:
         print(f"output {size_out / 1e9:.2f} GB, {len(after)} ops ({after.count('Conv')} Conv)")
         print(f"repfuse optimize --check: wall {wall:.1f} s, peak RSS {peak:.2f} GB")
         return 0
-    finally:
-        if not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

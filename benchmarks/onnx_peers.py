@@ -2,31 +2,20 @@
 
 What is measured
 ----------------
-Four networks are built here in their *training form* (random weights,
-randomized BatchNorm statistics, eval mode), each with a *hand-fused*
-deploy form written independently of repfuse, following its paper's own
-conversion:
+Four networks of examples/zoo in their *training form* (random weights,
+randomized BatchNorm statistics, eval mode), each with the zoo's *hand-fused*
+deploy form (`to_deploy`: its paper's own conversion, written without
+repfuse):
 
-    repvgg-a0        RepVGG-A0, imported from benchmarks/torch_repvgg.py
-                     (3x3-BN + 1x1-BN + BN identity, then ReLU).
-    acnet-resnet18   ResNet-18 whose 3x3 conv-BNs are ACNet blocks
-                     (3x3-BN + 1x3-BN + 3x1-BN).  Hand-fused: fold each BN,
-                     add the 1x3 / 3x1 kernels into the centre row / column.
+    repvgg-a0        RepVGG-A0 (3x3-BN + 1x1-BN + BN identity, then ReLU)
+    acnet-resnet18   ResNet-18 whose 3x3 conv-BNs are ACNet blocks (3x3-BN + 1x3-BN + 3x1-BN)
     dbb-resnet18     ResNet-18 whose 3x3 conv-BNs are Diverse Branch Blocks
-                     (tests/blocks.py DBBBlock: 3x3-BN, 1x1-BN,
-                     1x1-BNpad-avgpool-BN, 1x1-BNpad-3x3-BN).  Hand-fused with
-                     DBB's transforms: BN folding, 1x1 -> 3x3 zero padding,
-                     avgpool as a 3x3 kernel of 1/9 on the channel diagonal,
-                     1x1-then-3x3 composition by the channel product, sum.
-    mobileone-s0     MobileOne-S0-shaped (widths 48/48/128/256/1024, blocks
-                     2/8/10/1): depthwise 3x3 + pointwise 1x1 MobileOne blocks
-                     with k=4 conv-BN branches, a 1x1 scale branch (depthwise)
-                     and a BN identity where shapes allow.  Hand-fused: fold the
-                     BNs, pad the 1x1 scale kernel to 3x3, BN identity as a
-                     kernel, sum.
-The stem conv and the 1x1 downsample convs of the ResNets are plain conv-BN
-(hand-fused: BN folded).  Each hand-fused network is asserted to match its
-training form in torch (max abs diff <= 1e-4 * max |output|).
+                     (3x3-BN, 1x1-BN, 1x1-BNpad-avgpool-BN, 1x1-BNpad-3x3-BN)
+    mobileone-s0     MobileOne-S0 (k=4 conv-BN branches, 1x1 scale branch, BN identity)
+
+`--networks` takes any zoo network with a deploy form.  Each hand-fused
+network is asserted to match its training form in torch (max abs diff <=
+1e-4 * max |output|).
 
 Both forms are exported with torch.onnx.export(dynamo=False, opset 17).  The
 variants of each network are
@@ -86,10 +75,8 @@ Usage:  python benchmarks/onnx_peers.py [--quick] [--json PATH] [--networks a,b]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
-import json
 import math
 import os
 import platform
@@ -97,7 +84,6 @@ import pstats
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -108,280 +94,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-import torch_repvgg  # noqa: E402  (RepVGG-A0, training and hand-fused forms)
-from blocks import ACBlock, DBBBlock, conv_bn, randomize  # noqa: E402
-
-NUM_CLASSES = 1000
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm that follows a bias-free conv with this kernel."""
-    return torch_repvgg.fold_bn(kernel, bn)
-
-
-# ================================================================ ResNet-18-like (ACNet, DBB)
-
-class BasicBlock(nn.Module):
-    """ResNet basic block built from `unit(cin, cout, kernel, stride)` modules (each conv+BN or its fusion)."""
-
-    def __init__(self, unit, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = unit(cin, cout, 3, stride)
-        self.conv2 = unit(cout, cout, 3, 1)
-        self.down = unit(cin, cout, 1, stride) if stride != 1 or cin != cout else None
-
-    def forward(self, x):
-        y = self.conv2(F.relu(self.conv1(x)))
-        return F.relu(y + (x if self.down is None else self.down(x)))
-
-    def units(self) -> list[nn.Module]:
-        return [self.conv1, self.conv2] + ([self.down] if self.down is not None else [])
-
-
-class ResNet18Like(nn.Module):
-    """ResNet-18: 7x7/2 stem, 3x3/2 max-pool, four stages of two basic blocks, GAP, Linear."""
-
-    def __init__(self, unit, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)):
-        super().__init__()
-        self.stem = unit(3, widths[0], 7, 2)
-        blocks, cin = [], widths[0]
-        for stage, (width, depth) in enumerate(zip(widths, depths)):
-            for i in range(depth):
-                blocks.append(BasicBlock(unit, cin, width, 2 if stage > 0 and i == 0 else 1))
-                cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, NUM_CLASSES)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2, 1)
-        x = self.blocks(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-    def units(self) -> list[nn.Module]:
-        """Every conv unit in a fixed order, so a training form and a deploy form can be zipped."""
-        return [self.stem] + [u for block in self.blocks for u in block.units()]
-
-
-def plain_unit(cin, cout, k, stride) -> nn.Module:
-    return conv_bn(cin, cout, k, stride, k // 2)
-
-
-def acnet_unit(cin, cout, k, stride) -> nn.Module:
-    return ACBlock(cin, cout, stride) if k == 3 else plain_unit(cin, cout, k, stride)
-
-
-def dbb_unit(cin, cout, k, stride) -> nn.Module:
-    return DBBBlock(cin, cout, k, stride) if k == 3 else plain_unit(cin, cout, k, stride)
-
-
-def deploy_unit(cin, cout, k, stride) -> nn.Module:
-    return nn.Conv2d(cin, cout, k, stride, k // 2, bias=True)
-
-
-# ---------------------------------------------------------------- hand fusion: ACNet and DBB
-
-def fuse_conv_bn(unit: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
-    conv, bn = unit
-    assert conv.bias is None
-    return fold_bn(conv.weight, bn)
-
-
-def fuse_acnet(block: ACBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """ACNet: fold each BN, then add the 1x3 kernel into the centre row, the 3x1 into the centre column."""
-    weight, bias = fuse_conv_bn(block.square)
-    w_hor, b_hor = fuse_conv_bn(block.hor)  # (cout, cin, 1, 3)
-    w_ver, b_ver = fuse_conv_bn(block.ver)  # (cout, cin, 3, 1)
-    weight = weight.clone()
-    weight[:, :, 1:2, :] += w_hor
-    weight[:, :, :, 1:2] += w_ver
-    return weight, bias + b_hor + b_ver
-
-
-def compose_1x1_kxk(w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
-    """DBB transform III: a 1x1 conv (w1, b1) followed by a kxk conv (w2, b2) as one kxk conv.
-
-    Exact when the tensor between them is padded with b1 (DBB's BN-and-pad), so
-    that every tap of the kxk conv sees w1 x + b1.
-    """
-    weight = torch.einsum("omhw,mi->oihw", w2, w1[:, :, 0, 0])  # channel product
-    bias = b2 + (w2.sum((2, 3)) * b1.reshape(1, -1)).sum(1)
-    return weight, bias
-
-
-def fuse_dbb(block: DBBBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """DBB: the four branches as kxk kernels (BN folding, padding, avg as kernel, composition), summed."""
-    conv = block.kxk[0]
-    assert conv.groups == 1 and isinstance(block.avg_pad, nn.Module) and hasattr(block.avg_pad, "bn")
-    k = conv.kernel_size[0]
-    cout = conv.out_channels
-    p = k // 2
-    # 1. kxk-BN
-    w_a, b_a = fuse_conv_bn(block.kxk)
-    # 2. 1x1-BN, zero-padded to kxk
-    w_b, b_b = fuse_conv_bn(block.one)
-    w_b = F.pad(w_b, [p, p, p, p])
-    # 3. 1x1-BN(pad)-avgpool-BN: the average pool is a kxk conv with 1/k^2 on the channel diagonal
-    w1, b1 = fold_bn(block.avg_conv.weight, block.avg_pad.bn)
-    avg = torch.zeros(cout, cout, k, k)
-    avg[torch.arange(cout), torch.arange(cout)] = 1.0 / (k * k)
-    w2, b2 = fold_bn(avg, block.avg_bn)
-    w_c, b_c = compose_1x1_kxk(w1, b1, w2, b2)
-    # 4. 1x1-BN(pad)-kxk-BN
-    w1, b1 = fold_bn(block.chain_conv.weight, block.chain_pad.bn)
-    w2, b2 = fold_bn(block.chain_kxk.weight, block.chain_bn)
-    w_d, b_d = compose_1x1_kxk(w1, b1, w2, b2)
-    return w_a + w_b + w_c + w_d, b_a + b_b + b_c + b_d
-
-
-def fuse_resnet_unit(unit: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(unit, ACBlock):
-        return fuse_acnet(unit)
-    if isinstance(unit, DBBBlock):
-        return fuse_dbb(unit)
-    return fuse_conv_bn(unit)
-
-
-def make_resnet(unit, seed: int) -> ResNet18Like:
-    torch.manual_seed(seed)
-    return randomize(ResNet18Like(unit), seed)
-
-
-def hand_fuse_resnet(train: ResNet18Like) -> ResNet18Like:
-    deploy = ResNet18Like(deploy_unit)
-    with torch.no_grad():
-        for src, dst in zip(train.units(), deploy.units(), strict=True):
-            weight, bias = fuse_resnet_unit(src)
-            dst.weight.copy_(weight)
-            dst.bias.copy_(bias)
-        deploy.fc.load_state_dict(train.fc.state_dict())
-    return deploy.eval()
-
-
-# ================================================================ MobileOne-S0-like
-
-MOBILEONE_S0_STAGES = [(48, 2), (128, 8), (256, 10), (1024, 1)]  # 64*.75, 128*1, 256*1, 512*2
-MOBILEONE_STEM = 48  # min(64, 64 * 0.75)
-MOBILEONE_K = 4
-
-
-class MobileOneTrain(nn.Module):
-    """Training-form MobileOne block: k conv-BN branches, a 1x1 conv-BN scale branch when the kernel
-    is larger than 1, a BN identity when in == out channels and stride 1; the sum, then ReLU."""
-
-    def __init__(self, cin, cout, kernel, stride, groups, k):
-        super().__init__()
-        self.branches = nn.ModuleList(conv_bn(cin, cout, kernel, stride, kernel // 2, groups) for _ in range(k))
-        self.scale = conv_bn(cin, cout, 1, stride, 0, groups) if kernel > 1 else None
-        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
-
-    def forward(self, x):
-        y = self.identity(x) if self.identity is not None else 0
-        if self.scale is not None:
-            y = y + self.scale(x)
-        for branch in self.branches:
-            y = y + branch(x)
-        return F.relu(y)
-
-
-class MobileOneDeploy(nn.Module):
-    def __init__(self, cin, cout, kernel, stride, groups, k):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=True)
-
-    def forward(self, x):
-        return F.relu(self.conv(x))
-
-
-class MobileOneNet(nn.Module):
-    """Stem (3x3/2, one branch + scale), then per block a depthwise 3x3 and a pointwise 1x1 MobileOne block."""
-
-    def __init__(self, block):
-        super().__init__()
-        layers = [block(3, MOBILEONE_STEM, 3, 2, 1, 1)]
-        cin = MOBILEONE_STEM
-        for width, depth in MOBILEONE_S0_STAGES:
-            for i in range(depth):
-                layers.append(block(cin, cin, 3, 2 if i == 0 else 1, cin, MOBILEONE_K))  # depthwise
-                layers.append(block(cin, width, 1, 1, 1, MOBILEONE_K))  # pointwise
-                cin = width
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, NUM_CLASSES)
-
-    def forward(self, x):
-        x = self.layers(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def fuse_mobileone(block: MobileOneTrain) -> tuple[torch.Tensor, torch.Tensor]:
-    """MobileOne: fold every branch's BN, pad the 1x1 scale kernel to kxk, BN identity as a kernel, sum."""
-    conv = block.branches[0][0]
-    k = conv.kernel_size[0]
-    p = k // 2
-    weight = torch.zeros_like(conv.weight)
-    bias = torch.zeros(conv.out_channels)
-    for branch in block.branches:
-        w, b = fuse_conv_bn(branch)
-        weight, bias = weight + w, bias + b
-    if block.scale is not None:
-        w, b = fuse_conv_bn(block.scale)
-        weight, bias = weight + F.pad(w, [p, p, p, p]), bias + b
-    if block.identity is not None:
-        channels = block.identity.num_features
-        per_group = conv.in_channels // conv.groups
-        identity = torch.zeros_like(conv.weight)
-        identity[torch.arange(channels), torch.arange(channels) % per_group, p, p] = 1.0
-        w, b = fold_bn(identity, block.identity)
-        weight, bias = weight + w, bias + b
-    return weight, bias
-
-
-def make_mobileone(seed: int) -> MobileOneNet:
-    """Random MobileOne; every branch's BN affine is divided by the number of summed branches,
-    so that activations keep a moderate size through the 43 blocks (their statistics stay random)."""
-    torch.manual_seed(seed)
-    model = randomize(MobileOneNet(MobileOneTrain), seed)
-    with torch.no_grad():
-        for block in model.layers:
-            bns = [branch[1] for branch in block.branches]
-            bns += [block.scale[1]] if block.scale is not None else []
-            bns += [block.identity] if block.identity is not None else []
-            for bn in bns:
-                bn.weight /= len(bns)
-                bn.bias /= len(bns)
-    return model
-
-
-def hand_fuse_mobileone(train: MobileOneNet) -> MobileOneNet:
-    deploy = MobileOneNet(MobileOneDeploy)
-    with torch.no_grad():
-        for src, dst in zip(train.layers, deploy.layers, strict=True):
-            weight, bias = fuse_mobileone(src)
-            dst.conv.weight.copy_(weight)
-            dst.conv.bias.copy_(bias)
-        deploy.fc.load_state_dict(train.fc.state_dict())
-    return deploy.eval()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import (ZOO, describe, failed, fmt, interleaved, log, machine, max_abs_error, status,  # noqa: E402
+                     stdout_to_stderr, versions, write_json, zoo_case)
 
 
 # ================================================================ the networks
 
-NETWORKS = {
-    "repvgg-a0": (torch_repvgg.make_train_model, torch_repvgg.make_hand_fused),
-    "acnet-resnet18": (lambda seed: make_resnet(acnet_unit, seed), hand_fuse_resnet),
-    "dbb-resnet18": (lambda seed: make_resnet(dbb_unit, seed), hand_fuse_resnet),
-    "mobileone-s0": (make_mobileone, hand_fuse_mobileone),
-}
+NETWORKS = ["repvgg-a0", "acnet-resnet18", "dbb-resnet18", "mobileone-s0"]
 QUICK_NETWORKS = ["repvgg-a0", "mobileone-s0"]
 
 
@@ -389,20 +113,6 @@ QUICK_NETWORKS = ["repvgg-a0", "mobileone-s0"]
 
 VARIANTS = ["input", "onnxsim", "onnxslim", "onnxoptimizer", "ort-offline", "repfuse", "hand-fused"]
 PEERS = ["onnxsim", "onnxslim", "onnxoptimizer", "ort-offline"]
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Send what tools print (Python or native) to stderr, so stdout keeps only the report."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def run_onnxsim(src: Path, dst: Path) -> None:
@@ -499,21 +209,20 @@ def session(path: Path, offline: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def time_sessions(sessions: dict[str, ort.InferenceSession], feed: dict, warmup: int,
-                  rounds: int) -> dict[str, list[float]]:
-    """Milliseconds of every call, the variants called round-robin with a rotating start."""
-    names = list(sessions)
-    for name in names:
-        for _ in range(warmup):
-            sessions[name].run(None, feed)
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            t0 = time.perf_counter()
-            sessions[name].run(None, feed)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return samples
+def open_sessions(rows: dict, paths: dict, feed: dict, ref: np.ndarray) -> dict[str, ort.InferenceSession]:
+    """A session per variant that has not failed; records its node, Conv and op counts and its error."""
+    sessions = {}
+    for variant, row in rows.items():
+        if row.get("error") is not None:
+            continue
+        try:
+            row["nodes"], row["convs"], row["ops"] = op_counts(paths[variant])
+            sessions[variant] = session(paths[variant], offline=(variant == "ort-offline"))
+            row["max_abs_err"] = max_abs_error(sessions[variant].run(None, feed)[0], ref)
+        except Exception as e:
+            failed(row, e)
+            sessions.pop(variant, None)
+    return sessions
 
 
 def cli_seconds(argv: list[str], repeats: int) -> float:
@@ -530,31 +239,13 @@ def cli_seconds(argv: list[str], repeats: int) -> float:
     return best
 
 
-def describe(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return " ".join([type(e).__name__ + ":"] + lines[:2])
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 # ================================================================ one network
 
 def bench_network(name: str, args, workdir: Path, size: int) -> dict:
-    make_train, make_deploy = NETWORKS[name]
     log(f"== {name}: building ...")
-    train = make_train(args.seed)
-    hand = make_deploy(train)
-    torch.manual_seed(args.seed)
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        ref = train(x)
-        hand_err = (hand(x) - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    tol = 1e-4 * scale
-    assert hand_err <= tol, f"{name}: hand-fused differs from the training form: {hand_err:.3g} > {tol:.3g}"
-    log(f"   hand-fused check in torch: max abs error {hand_err:.3g} (tolerance {tol:.3g})")
+    case = zoo_case(name, args.seed, size)
+    train, hand, x, ref, tol = case.model, case.checked_reference(), case.x, case.ref, case.tol
+    log(f"   hand-fused check in torch: max abs error {case.reference_err:.3g} (tolerance {tol:.3g})")
 
     paths = {v: workdir / f"{name}.{v}.onnx" for v in VARIANTS}
     log("   exporting (dynamo=False, opset 17) ...")
@@ -569,9 +260,7 @@ def bench_network(name: str, args, workdir: Path, size: int) -> dict:
             rows[variant]["optimize_s"] = min(times)
             rows[variant]["optimize_s_all"] = times
         except Exception as e:
-            rows[variant]["error"] = describe(e)
-            rows[variant]["traceback"] = traceback.format_exc()
-            log(rows[variant]["traceback"])
+            failed(rows[variant], e)
 
     # repfuse's own share: the fusion pipeline without onnxsim, on onnxsim's output
     own_s = None
@@ -600,25 +289,11 @@ def bench_network(name: str, args, workdir: Path, size: int) -> dict:
 
     # sessions, accuracy, counts
     feed = {"input": x.numpy()}
-    ref_np = ref.numpy().astype(np.float64)
-    sessions = {}
-    for v in VARIANTS:
-        row = rows[v]
-        if row["error"] is not None:
-            continue
-        try:
-            row["nodes"], row["convs"], row["ops"] = op_counts(paths[v])
-            sessions[v] = session(paths[v], offline=(v == "ort-offline"))
-            out = sessions[v].run(None, feed)[0]
-            row["max_abs_err"] = float(np.abs(out.astype(np.float64) - ref_np).max())
-        except Exception as e:
-            row["error"] = describe(e)
-            row["traceback"] = traceback.format_exc()
-            sessions.pop(v, None)
-            log(row["traceback"])
+    sessions = open_sessions(rows, paths, feed, ref)
 
     log(f"   timing {len(sessions)} variants: {args.warmup} warmups, {args.rounds} interleaved rounds ...")
-    samples = time_sessions(sessions, feed, args.warmup, args.rounds)
+    samples, _ = interleaved({v: (lambda s=s: s.run(None, feed)) for v, s in sessions.items()}, args.warmup,
+                             args.rounds)
     for v, s in samples.items():
         rows[v]["median_ms"] = statistics.median(s)
         rows[v]["samples_ms"] = s
@@ -630,12 +305,7 @@ def bench_network(name: str, args, workdir: Path, size: int) -> dict:
         row = rows[v]
         row["latency_ratio"] = (row["median_ms"] / hand_ms) if "median_ms" in row and hand_ms else None
         row["nodes_ratio"] = (row["nodes"] / hand_nodes) if "nodes" in row and hand_nodes else None
-        if row["error"] is not None:
-            row["status"] = "FAILED: " + row["error"]
-        elif row["max_abs_err"] > tol:
-            row["status"] = "MISMATCH"
-        else:
-            row["status"] = "ok"
+        row["status"] = status(row["error"], row.get("max_abs_err"), tol)
 
     rf = rows["repfuse"]
     peer_nodes = {p: rows[p]["nodes"] for p in PEERS if rows[p].get("nodes") is not None}
@@ -654,8 +324,8 @@ def bench_network(name: str, args, workdir: Path, size: int) -> dict:
     s = summary
     s["time_target_met"] = (s["repfuse_total_s"] is not None and s["onnxsim_s"] is not None
                             and s["repfuse_total_s"] <= s["onnxsim_s"])
-    return {"network": name, "input_shape": list(x.shape), "max_abs_output": scale, "tolerance": tol,
-            "hand_fused_torch_err": hand_err, "rows": [rows[v] for v in VARIANTS], "summary": summary}
+    return {"network": name, "input_shape": list(x.shape), "max_abs_output": float(abs(ref).max()), "tolerance": tol,
+            "hand_fused_torch_err": case.reference_err, "rows": [rows[v] for v in VARIANTS], "summary": summary}
 
 
 def print_network(result: dict, args) -> None:
@@ -930,7 +600,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 64x64 input, two networks, few rounds, small scaling sizes")
-    parser.add_argument("--networks", help=f"comma-separated subset of {', '.join(NETWORKS)}, or none")
+    parser.add_argument("--networks", help=f"comma-separated zoo networks (default {', '.join(NETWORKS)}), or none")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per variant (default 5, quick 3)")
     parser.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (default 60, quick 20)")
     parser.add_argument("--opt-repeats", type=int, default=None,
@@ -954,20 +624,15 @@ def main() -> int:
         networks = [] if args.networks in ("", "none") else args.networks.split(",")
     else:
         networks = QUICK_NETWORKS if args.quick else list(NETWORKS)
-    unknown = [n for n in networks if n not in NETWORKS]
+    unknown = [n for n in networks if n not in ZOO]
     if unknown:
-        parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")
+        parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
     args.sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
                   else ([1250, 2500] if args.quick else [1250, 2500, 5000, 10000]))
     torch.set_num_threads(1)
     started = time.perf_counter()
 
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = Path(args.workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx_peers-")))
+    with harness.workdir(args.workdir, "onnx_peers-") as workdir:
         log("warming up the tools on a tiny model ...")
         warm_up_tools(workdir)
         results = []
@@ -979,18 +644,9 @@ def main() -> int:
                 results.append({"network": name, "failed": describe(e), "traceback": traceback.format_exc()})
         scaling = None if args.no_scaling else bench_scaling(args)
 
-    import onnxoptimizer
-    import onnxsim
-    import onnxslim
-    import repfuse
-
-    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                "onnxsim": getattr(onnxsim, "__version__", "?"), "onnxslim": getattr(onnxslim, "__version__", "?"),
-                "onnxoptimizer": getattr(onnxoptimizer, "__version__", "?"), "repfuse": repfuse.__version__,
-                "python": platform.python_version()}
+    tools = versions("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "onnxoptimizer", "repfuse")
     print(f"# ONNX optimizers on re-parameterized CNNs ({'quick' if args.quick else 'full'} run)\n")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
-          + f"; {os.cpu_count()} CPU(s), {platform.machine()}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in tools.items()) + f"; {machine()}")
     for result in results:
         if "failed" in result:
             print(f"\n### {result['network']}\n\nFAILED: {result['failed']}")
@@ -1002,22 +658,18 @@ def main() -> int:
     print(f"\ntotal benchmark wall time {elapsed:.0f} s")
 
     if args.json:
-        out = {"quick": args.quick, "versions": versions, "machine": platform.machine(), "cpus": os.cpu_count(),
-               "warmup": args.warmup, "rounds": args.rounds, "opt_repeats": args.opt_repeats,
-               "cli_repeats": None if args.no_cli else args.cli_repeats, "seed": args.seed,
-               "networks": results, "scaling": scaling, "wall_s": elapsed}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        log(f"wrote {args.json}")
+        write_json(args.json, {
+            "quick": args.quick, "versions": tools, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "warmup": args.warmup, "rounds": args.rounds, "opt_repeats": args.opt_repeats,
+            "cli_repeats": None if args.no_cli else args.cli_repeats, "seed": args.seed,
+            "networks": results, "scaling": scaling, "wall_s": elapsed})
 
     bad = [r["network"] for r in results if "failed" in r]
     bad += [f"{r['network']}/{row['variant']}" for r in results if "rows" in r for row in r["rows"]
             if row["status"] != "ok"]
     if scaling is not None and not scaling["check"].get("ok"):
         bad.append("scaling check")
-    if bad:
-        log(f"problems: {', '.join(bad)}")
-    return 1 if bad else 0
+    return harness.exit_code(bad)
 
 
 if __name__ == "__main__":

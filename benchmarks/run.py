@@ -23,7 +23,9 @@ weights and BatchNorm statistics) on four backends:
                  relax_pipeline="repfuse"; reference: the deploy form with "default"
 
 The ONNX peer tools, export and sessions come from benchmarks/onnx_peers.py,
-the interleaved timer and the Relax helpers from benchmarks/tvm_pipeline.py.
+the Relax helpers from benchmarks/tvm_pipeline.py, the networks (with their
+references), the interleaved timer and the report helpers from
+benchmarks/harness.py.
 
 Measured per variant: median latency of interleaved rounds (the variants of a
 network on one backend, or all six PyTorch variants together, are called
@@ -69,13 +71,11 @@ import os
 os.environ["TVM_NUM_THREADS"] = "1"  # read once, when tvm is first imported: set it before anything else
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
@@ -89,10 +89,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 
+import harness  # noqa: E402  (zoo networks and references, interleaved timer, report helpers)
 import onnx_peers  # noqa: E402  (export, the peer tools, sessions, op counts)
-import tvm_pipeline  # noqa: E402  (interleaved timer fitted to a budget, relax helpers)
-from onnx_peers import describe, fmt, log  # noqa: E402
-from zoo import NETWORKS as ZOO  # noqa: E402
+import tvm_pipeline  # noqa: E402  (relax helpers)
+from harness import ZOO, describe, failed, fmt, log, max_abs_error  # noqa: E402
 from zoo.common import count_convs  # noqa: E402
 
 BACKENDS = ["onnxruntime", "eager", "inductor", "tvm"]
@@ -122,23 +122,9 @@ QUICK_TIMING = {"onnxruntime": Timing(1, 0.0, 5, 5), "torch": Timing(1, 0.0, 5, 
 # ================================================================ helpers
 
 
-def failed(row: dict, e: BaseException) -> None:
-    """Record an exception on a variant's row (one line and the full traceback) and log it."""
-    row["error"] = describe(e)
-    row["traceback"] = traceback.format_exc()
-    log(row["traceback"])
-
-
-def max_abs_error(out, ref: np.ndarray) -> float:
-    return float(np.abs(np.asarray(out, dtype=np.float64) - ref).max())
-
-
 def interleaved(calls: dict, timing: Timing) -> tuple[dict[str, list[float]], int]:
-    """Milliseconds of every call; calls round-robin with a rotating start (tvm_pipeline's timer)."""
-    if not calls:
-        return {}, 0
-    return tvm_pipeline.time_variants(calls, timing.warmup, None, timing.budget_s, timing.min_rounds,
-                                      timing.max_rounds)
+    """Milliseconds of every call; calls round-robin with a rotating start, rounds fitted to the budget."""
+    return harness.interleaved(calls, timing.warmup, None, timing.budget_s, timing.min_rounds, timing.max_rounds)
 
 
 def finish(backend: dict, samples: dict[str, list[float]], tol: float) -> dict:
@@ -153,16 +139,9 @@ def finish(backend: dict, samples: dict[str, list[float]], tol: float) -> dict:
     base_samples = samples.get(base)
     for name, row in rows.items():
         row["ratio"] = row["median_ms"] / base_ms if base_ms and row.get("median_ms") else None
-        if base_samples and name in samples:  # the ratio round by round (calls of a round are adjacent in time)
-            row["paired_ratio"] = float(np.median([t / b for t, b in zip(samples[name], base_samples)]))
-        if "error" in row:
-            row["status"] = "FAILED: " + row["error"]
-        elif row.get("max_abs_err") is None:
-            row["status"] = "not run"
-        elif not row["max_abs_err"] <= tol:  # also catches NaN
-            row["status"] = "MISMATCH"
-        else:
-            row["status"] = "ok"
+        if base_samples and name in samples:
+            row["paired_ratio"] = float(np.median(harness.per_round_ratios(samples[name], base_samples)))
+        row["status"] = harness.status(row.get("error"), row.get("max_abs_err"), tol)
     backend["best_peer"] = best_peer(backend["name"], rows)
     return backend
 
@@ -212,17 +191,7 @@ def bench_onnx(name: str, model, reference, x: torch.Tensor, ref: np.ndarray, to
     rows = backend["variants"] = {v: rows[v] for v in COLUMNS if v in rows}  # table order
 
     feed = {"input": x.numpy()}
-    sessions = {}
-    for variant, row in rows.items():
-        if "error" in row:
-            continue
-        try:
-            row["nodes"], row["convs"], row["ops"] = onnx_peers.op_counts(paths[variant])
-            sessions[variant] = onnx_peers.session(paths[variant], offline=(variant == "ort-offline"))
-            row["max_abs_err"] = max_abs_error(sessions[variant].run(None, feed)[0], ref)
-        except Exception as e:
-            failed(row, e)
-            sessions.pop(variant, None)
+    sessions = onnx_peers.open_sessions(rows, paths, feed, ref)
     log(f"   onnx: timing {len(sessions)} sessions ...")
     samples, backend["rounds"] = interleaved({v: (lambda s=s: s.run(None, feed)) for v, s in sessions.items()},
                                              timing)
@@ -413,35 +382,20 @@ def bench_network(name: str, args, timing: dict, workdir: Path, tvm_state: dict)
     result = {"network": name, "kind": net.kind, "backends": {}}
     log(f"== {name} ({net.kind}): building ...")
     try:
-        torch.manual_seed(args.seed)  # weights use torch's default init
-        model = net.build()
+        case = harness.zoo_case(name, args.seed, args.size)
     except Exception as e:
         log(traceback.format_exc())
         result.update(skipped="build failed: " + describe(e), traceback=traceback.format_exc())
         return result
-    batch, channels = net.input_size[:2]
-    torch.manual_seed(args.seed)
-    x = torch.randn(batch, channels, args.size, args.size)
-    with torch.no_grad():
-        ref = model(x).numpy().astype(np.float64)
-    scale = float(np.abs(ref).max())
-    tol = 1e-4 * scale
-    result.update(input_shape=list(x.shape), max_abs_output=scale, tolerance=tol)
-
-    reference = None
-    result["has_reference"] = net.to_deploy is not None
-    if net.to_deploy is not None:
-        try:
-            with torch.no_grad():
-                reference = net.to_deploy(model).eval()
-                result["reference_torch_err"] = max_abs_error(reference(x).numpy(), ref)
-            if not result["reference_torch_err"] <= tol:
-                log(f"   WARNING: the reference differs from the training form in torch: "
-                    f"{result['reference_torch_err']:.3g} > {tol:.3g}")
-        except Exception as e:
-            log(traceback.format_exc())
-            result.update(reference_error=describe(e), reference_traceback=traceback.format_exc())
-            reference = None
+    model, reference, x, ref, tol = case.model, case.reference, case.x, case.ref, case.tol
+    result.update(input_shape=list(x.shape), max_abs_output=float(np.abs(ref).max()), tolerance=tol,
+                  has_reference=net.to_deploy is not None)
+    if case.reference_error is not None:
+        result.update(reference_error=case.reference_error, reference_traceback=case.reference_traceback)
+    elif reference is not None:
+        result["reference_torch_err"] = case.reference_err
+        if not case.reference_err <= tol:
+            log(f"   WARNING: {case.reference_problem()}")
 
     runners = {
         "onnxruntime": lambda: {"onnxruntime": bench_onnx(name, model, reference, x, ref, tol, workdir,
@@ -799,21 +753,8 @@ def chart(results: list[dict], path: Path, meta: dict) -> None:
 
 
 def versions(tvm_state: dict) -> dict:
-    import onnx
-    import onnxoptimizer
-    import onnxruntime
-    import onnxsim
-    import onnxslim
-
-    import repfuse
-
-    v = {"repfuse": repfuse.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-         "onnxruntime": onnxruntime.__version__, "onnxsim": getattr(onnxsim, "__version__", "?"),
-         "onnxslim": getattr(onnxslim, "__version__", "?"), "onnxoptimizer": getattr(onnxoptimizer, "__version__", "?")}
-    if "tvm" in tvm_state:
-        v["tvm"] = tvm_state["tvm"].tvm.__version__
-    v["python"] = platform.python_version()
-    return v
+    names = ["repfuse", "torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "onnxoptimizer"]
+    return harness.versions(*names, *(["tvm"] if "tvm" in tvm_state else []))
 
 
 def main() -> int:
@@ -844,12 +785,7 @@ def main() -> int:
     started = time.perf_counter()
 
     results, tvm_state = [], {}
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = Path(args.workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="repfuse-run-")))
+    with harness.workdir(args.workdir, "repfuse-run-") as workdir:
         if "onnxruntime" in args.backends:
             log("warming up the ONNX tools on a tiny model ...")
             onnx_peers.warm_up_tools(workdir)
@@ -879,9 +815,7 @@ def main() -> int:
 
     bad = [r["network"] for r in results if "skipped" in r]
     bad += [f"{r['network']}/{b}" for r in results for b, backend in r.get("backends", {}).items() if problems(backend)]
-    if bad:
-        log(f"problems: {', '.join(bad)}")
-    return 1 if bad else 0
+    return harness.exit_code(bad)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,21 @@
 
 What is measured
 ----------------
-A RepVGG-A0-shaped network is built here in its *training form*: every block is
+RepVGG-A0 from examples/zoo (zoo.repvgg) in its *training form*: every block is
 
     relu( BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x) )
 
 (the identity BN branch only where in == out channels and stride 1), with
 block counts [1, 2, 4, 14, 1] (the first "stage" is the stem block), widths
-48, 48, 96, 192, 1280 (a = 0.75, b = 2.5), stride 2 in the first block of
-every stage, then global average pooling and a Linear layer to 1000 classes.
-Weights and all BatchNorm statistics/affine parameters are random (fixed
-seed), so folding them is not a no-op.
+48, 48, 96, 192, 1280, then global average pooling and a Linear layer to 1000
+classes.  Weights and all BatchNorm statistics/affine parameters are random
+(fixed seed), so folding them is not a no-op.
 
-The *hand-fused* deploy form is written here too, independently of repfuse,
-following the RepVGG paper's conversion: each BN is folded into its conv
-(scale = gamma / sqrt(var + eps); W * scale; beta - mean * scale), the 1x1
-kernel is zero-padded to 3x3, the identity branch becomes a 3x3 kernel with
-1 at the centre of the diagonal before its BN is folded, and the three
-kernels and biases are summed into one Conv2d(3x3, bias=True) + ReLU.
+The *hand-fused* deploy form is the zoo's `to_deploy`, the RepVGG paper's
+conversion written without repfuse: each BN folded into its conv, the 1x1
+kernel zero-padded to 3x3, the identity branch as a 3x3 kernel with 1 at the
+centre of the diagonal, and the three summed into one Conv2d(3x3, bias=True)
++ ReLU.
 
 Six variants are timed in one process:
 
@@ -48,125 +46,20 @@ Usage:  python benchmarks/torch_repvgg.py [--quick] [--threads N] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------- the network
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import describe, fmt, interleaved, log, max_abs_error, status, versions, write_json, zoo_case  # noqa: E402
 
-A0_BLOCKS = [1, 2, 4, 14, 1]  # stem block, then four stages
-A0_WIDTHS = [48, 48, 96, 192, 1280]  # min(64, 64a), 64a, 128a, 256a, 512b with a=0.75, b=2.5
-NUM_CLASSES = 1000
-
-
-def block_specs() -> list[tuple[int, int, int]]:
-    """(in_channels, out_channels, stride) of every block, stem first."""
-    specs, cin = [], 3
-    for count, width in zip(A0_BLOCKS, A0_WIDTHS):
-        for i in range(count):
-            specs.append((cin, width, 2 if i == 0 else 1))
-            cin = width
-    return specs
-
-
-class TrainBlock(nn.Module):
-    """Training-form RepVGG block: three parallel branches, each ending in a BatchNorm."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv3 = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.conv1 = nn.Conv2d(cin, cout, 1, stride, padding=0, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.bn_id = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
-
-    def forward(self, x):
-        y = self.bn3(self.conv3(x)) + self.bn1(self.conv1(x))
-        if self.bn_id is not None:
-            y = y + self.bn_id(x)
-        return torch.relu(y)
-
-
-class DeployBlock(nn.Module):
-    """Deploy-form RepVGG block: one 3x3 conv with bias, then ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=True)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x))
-
-
-class RepVGG(nn.Module):
-    def __init__(self, block: type[nn.Module]):
-        super().__init__()
-        self.blocks = nn.Sequential(*[block(cin, cout, s) for cin, cout, s in block_specs()])
-        self.fc = nn.Linear(A0_WIDTHS[-1], NUM_CLASSES)
-
-    def forward(self, x):
-        x = self.blocks(x)
-        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
-
-
-def make_train_model(seed: int = 0) -> RepVGG:
-    """The training-form network with random weights and random BatchNorm state, in eval mode."""
-    torch.manual_seed(seed)
-    model = RepVGG(TrainBlock)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-# ---------------------------------------------------------------- hand fusion (the RepVGG paper's conversion)
-
-def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm that follows a bias-free conv with this kernel."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
-
-
-def fuse_block(block: TrainBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 3x3 kernel and bias equivalent to the sum of a block's three branches."""
-    w3, b3 = fold_bn(block.conv3.weight, block.bn3)
-    w1, b1 = fold_bn(nn.functional.pad(block.conv1.weight, [1, 1, 1, 1]), block.bn1)
-    weight, bias = w3 + w1, b3 + b1
-    if block.bn_id is not None:
-        channels = block.bn_id.num_features
-        identity = torch.zeros_like(w3)
-        identity[torch.arange(channels), torch.arange(channels), 1, 1] = 1.0
-        wi, bi = fold_bn(identity, block.bn_id)
-        weight, bias = weight + wi, bias + bi
-    return weight, bias
-
-
-def make_hand_fused(train: RepVGG) -> RepVGG:
-    deploy = RepVGG(DeployBlock)
-    with torch.no_grad():
-        for src, dst in zip(train.blocks, deploy.blocks):
-            weight, bias = fuse_block(src)
-            dst.conv.weight.copy_(weight)
-            dst.conv.bias.copy_(bias)
-        deploy.fc.load_state_dict(train.fc.state_dict())
-    return deploy.eval()
-
-
-# ---------------------------------------------------------------- helpers
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+NETWORK = "repvgg-a0"
 
 
 def count_convs(model: nn.Module) -> int:
@@ -177,36 +70,6 @@ def count_convs(model: nn.Module) -> int:
                     torch.ops.aten.convolution.default}
         n += sum(node.op == "call_function" and node.target in conv_fns for node in model.graph.nodes)
     return n
-
-
-def describe(e: BaseException) -> str:
-    """One line for the table: the exception type and the first lines of its message."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return " ".join([type(e).__name__ + ":"] + lines[:2])
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def max_abs_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return (y - ref).abs().max().item()
-
-
-def time_variants(fns: dict, x: torch.Tensor, warmup: int, rounds: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, calls interleaved round-robin."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name](x)
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]  # rotate the starting variant each round
-            t0 = time.perf_counter()
-            fns[name](x)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 # ---------------------------------------------------------------- main
@@ -229,18 +92,10 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
     rounds = args.rounds if args.rounds is not None else (5 if args.quick else 50)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    x = torch.randn(1, 3, size, size)
-
-    model = make_train_model(args.seed)
-    hand = make_hand_fused(model)
-    with torch.no_grad():
-        ref = model(x)
-        scale = ref.abs().max().item()
-        tol = 1e-4 * scale
-        hand_err = max_abs_error(hand(x), ref)
-    assert hand_err <= tol, f"hand-fused model differs from the training form: {hand_err:.3g} > {tol:.3g}"
-    log(f"hand-fused check: max abs error {hand_err:.3g} (tolerance {tol:.3g}, max |output| {scale:.3g})")
+    case = zoo_case(NETWORK, args.seed, size)
+    model, hand, x, ref, tol = case.model, case.checked_reference(), case.x, case.ref, case.tol
+    hand_err = case.reference_err
+    log(f"hand-fused check: max abs error {hand_err:.3g} (tolerance {tol:.3g}, max |output| {abs(ref).max():.3g})")
 
     fns: dict[str, object] = {}
     errors: dict[str, str] = {}  # variant -> one-line description of the exception
@@ -300,7 +155,8 @@ def main() -> int:
 
     log(f"timing: input 1x3x{size}x{size}, {args.threads} thread(s), {warmup} warmup, {rounds} rounds ...")
     with torch.no_grad():
-        ms = time_variants(fns, x, warmup, rounds)
+        samples, _ = interleaved({name: (lambda f=fn: f(x)) for name, fn in fns.items()}, warmup, rounds)
+    ms = {name: statistics.median(s) for name, s in samples.items()}
 
     # ---- report
     def ratio(name: str) -> float | None:
@@ -319,18 +175,12 @@ def main() -> int:
                "convs": convs.get(name), "max_abs_err": err.get(name),
                "compile_s": compile_s.get(name), "error": errors.get(name),
                "traceback": tracebacks.get(name)}
-        if name in errors:
-            status = "FAILED: " + errors[name]
-        elif err[name] > tol:
-            status = "MISMATCH"
-        elif name == "repfuse+inductor" and fused_graphs == 0:
-            status = "NOT FUSED (the backend passed the graph through)"
-        else:
-            status = "ok"
-        row["status"] = status
+        row["status"] = status(errors.get(name), err.get(name), tol)
+        if row["status"] == "ok" and name == "repfuse+inductor" and fused_graphs == 0:
+            row["status"] = "NOT FUSED (the backend passed the graph through)"
         results.append(row)
         print(f"| {name} | {fmt(row['median_ms'], '.2f')} | {fmt(row['ratio'], '.3f')} | "
-              f"{fmt(row['convs'], 'd')} | {fmt(row['max_abs_err'], '.2e')} | {status} |")
+              f"{fmt(row['convs'], 'd')} | {fmt(row['max_abs_err'], '.2e')} | {row['status']} |")
     print("\nratio base: eager rows / hand-fused eager; compiled rows / hand-fused inductor")
     print(f"error tolerance: 1e-4 * max |output| = {tol:.2e}")
     if fused_graphs is not None:
@@ -348,14 +198,11 @@ def main() -> int:
         print(f"{label}: {value}  (target {t['target']}: {'met' if t['met'] else 'NOT met'})")
 
     if args.json:
-        out = {"model": "RepVGG-A0 (training form)", "input_shape": list(x.shape), "threads": args.threads,
-               "warmup": warmup, "rounds": rounds, "seed": args.seed, "quick": args.quick,
-               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-               "tolerance": tol, "hand_fused_check_err": hand_err, "repfuse_backend_fused_graphs": fused_graphs,
-               "results": results, "targets": targets}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        log(f"wrote {args.json}")
+        write_json(args.json, {
+            "model": "RepVGG-A0 (training form)", "input_shape": list(x.shape), "threads": args.threads,
+            "warmup": warmup, "rounds": rounds, "seed": args.seed, "quick": args.quick, **versions("torch"),
+            "machine": platform.machine(), "tolerance": tol, "hand_fused_check_err": hand_err,
+            "repfuse_backend_fused_graphs": fused_graphs, "results": results, "targets": targets})
 
     bad = [r["variant"] for r in results if r["status"] != "ok"]
     return 1 if bad else 0

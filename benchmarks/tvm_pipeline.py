@@ -2,15 +2,11 @@
 
 What is measured
 ----------------
-Four networks, each in its *training form* (random weights, randomized
-BatchNorm statistics, eval mode) and its *hand-fused* deploy form, written
-independently of repfuse:
-
-    repvgg-a0        RepVGG-A0 from benchmarks/torch_repvgg.py
-                     (make_train_model / make_hand_fused)
-    acnet-resnet18   ResNet-18 with ACNet blocks      } from benchmarks/onnx_peers.py
-    dbb-resnet18     ResNet-18 with DBB blocks        } (its NETWORKS table:
-    mobileone-s0     MobileOne-S0-shaped, k=4         }  builder, hand fusion)
+Four networks of examples/zoo, each in its *training form* (random weights,
+randomized BatchNorm statistics, eval mode) and the zoo's *hand-fused* deploy
+form (`to_deploy`, the paper's conversion, written without repfuse):
+repvgg-a0, acnet-resnet18, dbb-resnet18, mobileone-s0 (`--networks` takes any
+zoo network with a deploy form).
 
 Every form is captured with torch.export.export and imported with
 tvm.relax.frontend.torch.from_exported_program(..., keep_params_as_input=False)
@@ -58,7 +54,6 @@ Usage:  python benchmarks/tvm_pipeline.py [--quick] [--json PATH] [--networks a,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -71,8 +66,10 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import (ZOO, describe, failed, fmt, interleaved, log, machine, max_abs_error,  # noqa: E402
+                     per_round_ratios, status, versions, write_json, zoo_case)
 
 VARIANTS = {  # name -> (form, relax pipeline)
     "train default": ("train", "default"),
@@ -83,23 +80,8 @@ LABELS = {"train default": "(a) train default", "train repfuse": "(b) train repf
           "hand default": "(c) hand-fused default"}
 BASE = "hand default"
 TARGET_RATIO = 1.02
-TITLES = {"repvgg-a0": "RepVGG-A0", "acnet-resnet18": "ACNet-ResNet-18", "dbb-resnet18": "DBB-ResNet-18",
-          "mobileone-s0": "MobileOne-S0"}
-ALL_NETWORKS = list(TITLES)
+ALL_NETWORKS = ["repvgg-a0", "acnet-resnet18", "dbb-resnet18", "mobileone-s0"]
 QUICK_NETWORKS = ["repvgg-a0", "mobileone-s0"]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def describe(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return " ".join([type(e).__name__ + ":"] + lines[:2])
 
 
 # ---------------------------------------------------------------- threads
@@ -188,48 +170,19 @@ def import_module(torch, from_exported_program, model, x):
         return from_exported_program(exported, keep_params_as_input=False)
 
 
-def time_variants(calls: dict, warmup: int, rounds: int | None, budget: float, min_rounds: int,
-                  max_rounds: int) -> tuple[dict[str, list[float]], int]:
-    """Milliseconds of every call; the variants called round-robin, the starting variant rotating."""
-    names = list(calls)
-    estimate = {}
-    for name in names:
-        for _ in range(max(warmup, 1)):
-            t0 = time.perf_counter()
-            calls[name]()
-            estimate[name] = time.perf_counter() - t0  # the last warm-up call
-    if rounds is None:
-        per_round = sum(estimate.values())
-        rounds = max(min_rounds, min(max_rounds, int(budget / per_round) if per_round > 0 else max_rounds))
-    log(f"   timing {rounds} rounds (warm-up estimate {sum(estimate.values()):.2f} s a round) ...")
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            t0 = time.perf_counter()
-            calls[name]()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return samples, rounds
-
-
 # ---------------------------------------------------------------- one network
 
 
 def bench_network(name: str, args, size: int, mods) -> dict:
-    torch, np, tvm, relax, from_exported_program, rtvm, onnx_peers = mods
-    make_train, make_hand = onnx_peers.NETWORKS[name]
-    result = {"network": name, "title": TITLES[name], "input_shape": [1, 3, size, size], "variants": {}}
+    torch, tvm, relax, from_exported_program, rtvm = mods
     log(f"== {name}: building the training and hand-fused forms ...")
-    train = make_train(args.seed)
-    hand = make_hand(train)
-    torch.manual_seed(args.seed)
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        ref = train(x).numpy()
-        hand_err = float(np.abs(hand(x).numpy() - ref).max())
-    scale = float(np.abs(ref).max())
-    tol = 1e-4 * scale
-    result.update(tolerance=tol, max_abs_output=scale, hand_check_torch_err=hand_err, hand_check_ok=hand_err <= tol)
+    case = zoo_case(name, args.seed, size)
+    if case.reference is None:
+        raise RuntimeError(case.reference_problem())
+    train, hand, x, ref, tol, hand_err = case.model, case.reference, case.x, case.ref, case.tol, case.reference_err
+    result = {"network": name, "input_shape": list(x.shape), "variants": {}, "tolerance": tol,
+              "max_abs_output": float(abs(ref).max()), "hand_check_torch_err": hand_err,
+              "hand_check_ok": hand_err <= tol}
     log(f"   hand-fused check in torch: max abs error {hand_err:.3g} (tolerance {tol:.3g})")
 
     imported, import_s = {}, {}
@@ -272,16 +225,13 @@ def bench_network(name: str, args, size: int, mods) -> dict:
             main = vm["main"]
             out = main(xt)
             out = out[0] if not hasattr(out, "numpy") else out
-            row["max_abs_err"] = float(np.abs(out.numpy() - ref).max())
+            row["max_abs_err"] = max_abs_error(out.numpy(), ref)
             row["parallel_launches"] = parallel_launches(executable)
             calls[variant] = (lambda f=main: f(xt))
         except Exception as e:
-            row["error"] = describe(e)
-            row["traceback"] = traceback.format_exc()
-            log(row["traceback"])
+            failed(row, e)
 
-    samples, rounds = time_variants(calls, args.warmup, args.rounds, args.budget, args.min_rounds,
-                                    args.max_rounds) if calls else ({}, 0)
+    samples, rounds = interleaved(calls, args.warmup, args.rounds, args.budget, args.min_rounds, args.max_rounds)
     result["rounds"] = rounds
     for variant, ms in samples.items():
         row = result["variants"][variant]
@@ -292,15 +242,10 @@ def bench_network(name: str, args, size: int, mods) -> dict:
         row["ratio"] = row["median_ms"] / base if base and row.get("median_ms") else None
         # the same ratio taken round by round (calls of one round are adjacent in time), less drift-prone
         if variant in samples and BASE in samples:
-            paired = [t / b for t, b in zip(samples[variant], samples[BASE])]
+            paired = per_round_ratios(samples[variant], samples[BASE])
             q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
             row.update(paired_ratio=statistics.median(paired), paired_ratio_p25=q[0], paired_ratio_p75=q[2])
-        if "error" in row:
-            row["status"] = "FAILED: " + row["error"]
-        elif row["max_abs_err"] > tol:
-            row["status"] = "MISMATCH"
-        else:
-            row["status"] = "ok"
+        row["status"] = status(row.get("error"), row.get("max_abs_err"), tol)
     ratio = result["variants"]["train repfuse"].get("ratio")
     result["target"] = {"ratio": ratio, "target": f"<= {TARGET_RATIO}", "met": ratio is not None and ratio <= TARGET_RATIO,
                         "paired_ratio": result["variants"]["train repfuse"].get("paired_ratio")}
@@ -309,7 +254,7 @@ def bench_network(name: str, args, size: int, mods) -> dict:
 
 def print_network(result: dict) -> None:
     shape = "x".join(map(str, result["input_shape"]))
-    print(f"\n### {result['title']} ({result['network']}), input {shape}, "
+    print(f"\n### {result['network']}, input {shape}, "
           f"median of {result.get('rounds', 0)} interleaved rounds\n")
     if "failed" in result:
         print(f"FAILED: {result['failed']}\n\n```\n{result['traceback']}```")
@@ -361,7 +306,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 64x64 input, repvgg-a0 and mobileone-s0, 2 warm-ups, 10 rounds")
-    parser.add_argument("--networks", help=f"comma-separated subset of {', '.join(ALL_NETWORKS)}")
+    parser.add_argument("--networks", help=f"comma-separated zoo networks (default {', '.join(ALL_NETWORKS)})")
     parser.add_argument("--size", type=int, default=None, help="input height and width (default 224, quick 64)")
     parser.add_argument("--threads", type=int, default=1, help="TVM_NUM_THREADS (and torch threads), default 1")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant (default 2)")
@@ -379,9 +324,9 @@ def main() -> int:
     if args.quick and args.rounds is None:
         args.rounds = 10
     networks = (args.networks.split(",") if args.networks else (QUICK_NETWORKS if args.quick else ALL_NETWORKS))
-    unknown = [n for n in networks if n not in TITLES]
+    unknown = [n for n in networks if n not in ZOO]
     if unknown:
-        parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(ALL_NETWORKS)}")
+        parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
 
     # the thread count must be in the environment before tvm (and its runtime thread pool) is loaded
     env_before = os.environ.get("TVM_NUM_THREADS")
@@ -389,21 +334,17 @@ def main() -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     started = time.perf_counter()
 
-    import numpy as np
     import torch
-
-    import onnx_peers  # the networks and their hand fusions (RepVGG-A0 via torch_repvgg)
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    import repfuse
     import repfuse.backends.tvm as rtvm  # registers relax_pipeline="repfuse"
 
     torch.set_num_threads(args.threads)
     threads = thread_check(tvm, args.threads, env_before, tvm_was_imported)
     log(thread_sentence(threads))
-    mods = (torch, np, tvm, relax, from_exported_program, rtvm, onnx_peers)
+    mods = (torch, tvm, relax, from_exported_program, rtvm)
 
     # one small build with each pipeline first, so one-time initialization is not charged to a network
     log("warming up tvm.compile on a tiny model ...")
@@ -422,15 +363,13 @@ def main() -> int:
             results.append(bench_network(name, args, size, mods))
         except Exception as e:  # a network that cannot be built or imported: report it, go on
             log(traceback.format_exc())
-            results.append({"network": name, "title": TITLES[name], "input_shape": [1, 3, size, size],
-                            "failed": describe(e), "traceback": traceback.format_exc()})
+            results.append({"network": name, "input_shape": [1, 3, size, size], "failed": describe(e),
+                            "traceback": traceback.format_exc()})
     elapsed = time.perf_counter() - started
 
-    versions = {"tvm": tvm.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                "repfuse": repfuse.__version__, "python": platform.python_version()}
+    tools = versions("tvm", "torch", "numpy", "repfuse")
     print(f"# TVM Relax: relax_pipeline=\"repfuse\" vs \"default\" vs hand-fused ({'quick' if args.quick else 'full'} run)\n")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
-          + f"; {os.cpu_count()} CPU(s), {platform.machine()}; target llvm, tvm.cpu()")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in tools.items()) + f"; {machine()}; target llvm, tvm.cpu()")
     print(f"\nthreads: {thread_sentence(threads)}")
     print(f"\ntiming: {args.warmup} warm-up call(s) per variant, then round-robin over (a), (b), (c) with a rotating "
           f"start; median of per-call wall times of vm[\"main\"](input) "
@@ -449,32 +388,27 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---|---|")
     for r in results:
         if "failed" in r:
-            print(f"| {r['title']} | - | - | - | - | - | FAILED: {r['failed']} |")
+            print(f"| {r['network']} | - | - | - | - | - | FAILED: {r['failed']} |")
             continue
         v = r["variants"]
         convs = " / ".join(fmt(v[k].get("conv2d"), "d") for k in VARIANTS)
         bad = [f"{LABELS[k]}: {v[k]['status']}" for k in VARIANTS if v[k]["status"] != "ok"]
-        print(f"| {r['title']} | {convs} | {fmt(v['train default'].get('ratio'), '.3f')} | "
+        print(f"| {r['network']} | {convs} | {fmt(v['train default'].get('ratio'), '.3f')} | "
               f"{fmt(v['train repfuse'].get('ratio'), '.3f')} | {fmt(v['train repfuse'].get('paired_ratio'), '.3f')} | "
               f"{'met' if r['target']['met'] else 'NOT met'} | "
               f"{'; '.join(bad) or 'none'} |")
     print(f"\ntotal benchmark wall time {elapsed:.0f} s")
 
     if args.json:
-        out = {"quick": args.quick, "versions": versions, "machine": platform.machine(), "cpus": os.cpu_count(),
-               "input_size": size, "threads": threads, "warmup": args.warmup, "rounds": args.rounds,
-               "budget_s": args.budget, "seed": args.seed, "target": "llvm", "networks": results,
-               "wall_s": elapsed}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        log(f"wrote {args.json}")
+        write_json(args.json, {
+            "quick": args.quick, "versions": tools, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "input_size": size, "threads": threads, "warmup": args.warmup, "rounds": args.rounds,
+            "budget_s": args.budget, "seed": args.seed, "target": "llvm", "networks": results, "wall_s": elapsed})
 
     bad = [r["network"] for r in results if "failed" in r]
     bad += [f"{r['network']}/{k}" for r in results if "variants" in r for k, row in r["variants"].items()
             if row["status"] != "ok"]
-    if bad:
-        log(f"problems: {', '.join(bad)}")
-    return 1 if bad else 0
+    return harness.exit_code(bad)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,2 @@
-"""IR adapters (fx; onnx and relax to come) and the fusion report they share."""
+"""One adapter per IR (fx, onnx, relax): a reader (`GraphView` over the IR, recognition as a table) and a
+writer (the plan vocabulary of `repfuse.patterns.plan` in the IR), plus the fusion report they share."""

@@ -108,14 +108,14 @@ class AffineConv:
     def _last(self, d: int) -> int:
         return -self.pads[d][0] + self.dilation[d] * (self.kernel[d] - 1)
 
-    def _slack(self, d: int) -> int:
-        """Output size is floor((H - 1 + slack) / stride) + 1 for input size H."""
+    def _size_offset(self, d: int) -> int:
+        """Output size is floor((H - 1 + offset) / stride) + 1 for input size H."""
         return self.pads[d][1] - self._last(d)
 
 
 # ---------------------------------------------------------------- constructors
 
-def _tuple(v, rank: int) -> tuple[int, ...]:
+def as_tuple(v, rank: int) -> tuple[int, ...]:
     if isinstance(v, (int, np.integer)):
         return (int(v),) * rank
     t = tuple(int(x) for x in v)
@@ -133,7 +133,7 @@ def _pads(padding, rank: int) -> Pads:
     padding = list(padding)
     if all(isinstance(p, (tuple, list)) for p in padding):
         return tuple((int(b), int(e)) for b, e in padding)
-    sym = _tuple(padding, rank)
+    sym = as_tuple(padding, rank)
     return tuple((p, p) for p in sym)
 
 
@@ -149,7 +149,7 @@ def conv(weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) ->
     pads = _pads(padding, rank)
     if any(p < 0 for pair in pads for p in pair):
         raise Declined("negative padding crops the input")
-    return AffineConv(w, b, _tuple(stride, rank), pads, _tuple(dilation, rank), int(groups))
+    return AffineConv(w, b, as_tuple(stride, rank), pads, as_tuple(dilation, rank), int(groups))
 
 
 def linear(weight, bias=None) -> AffineConv:
@@ -195,8 +195,8 @@ def avg_pool(channels: int, rank: int, kernel, stride=None, padding=0, *, count_
     padding that is counted (count_include_pad), or a fixed divisor; and no
     ceil_mode window hanging past the input (checked when input_size is known).
     """
-    k = _tuple(kernel, rank)
-    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _tuple(stride, rank)
+    k = as_tuple(kernel, rank)
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else as_tuple(stride, rank)
     pads = _pads(padding, rank)
     padded = any(b or e for b, e in pads)
     if padded and not count_include_pad and divisor is None:
@@ -214,14 +214,16 @@ def avg_pool(channels: int, rank: int, kernel, stride=None, padding=0, *, count_
     return AffineConv(w, np.zeros(channels), s, pads, (1,) * rank, channels)
 
 
-def channel_vector(c, value_ndim: int, channels: int) -> np.ndarray:
-    """The per-channel values of a constant broadcast over a [N, C, *spatial] tensor, or Declined
-    when it varies along any other axis (or would broadcast the tensor to a larger shape)."""
+def channel_vector(c, value_ndim: int, channels: int, rank: int | None = None) -> np.ndarray:
+    """The per-channel values of a constant broadcast over a tensor with `value_ndim` dims whose channel
+    axis is followed by `rank` dims (default: channels at axis 1), or Declined when it varies along any
+    other axis (or would broadcast the tensor to a larger shape)."""
     c = np.asarray(c)
     if c.size == 1:
         return np.full(channels, float(c.reshape(())))
+    axis = 1 if rank is None else value_ndim - 1 - rank
     shape = (1,) * (value_ndim - c.ndim) + c.shape
-    if c.ndim > value_ndim or any(n != 1 and not (i == 1 and n == channels) for i, n in enumerate(shape)):
+    if c.ndim > value_ndim or any(n != 1 and not (i == axis and n == channels) for i, n in enumerate(shape)):
         raise Declined("constant operand is not per-channel")
     return c.reshape(-1).astype(np.float64)
 
@@ -275,7 +277,7 @@ def check_add(a: AffineConv, b: AffineConv) -> str | None:
     if a.stride != b.stride:
         return f"strides differ ({a.stride} vs {b.stride})"
     for d in range(a.rank):
-        if a._slack(d) != b._slack(d):
+        if a._size_offset(d) != b._size_offset(d):
             return f"output sizes differ along spatial dim {d} (padding does not line up)"
     return None
 
@@ -302,7 +304,7 @@ def _aligned(ops: Sequence[AffineConv], groups: int) -> tuple[list[np.ndarray], 
         steps.append(step)
         sizes.append(size)
         last = first + step * (size - 1)
-        pads.append((-first, ops[0]._slack(d) + last))
+        pads.append((-first, ops[0]._size_offset(d) + last))
     out = []
     for op in ops:
         w = regroup(op.weight, op.groups, groups)
@@ -342,7 +344,7 @@ def check_concat(ops: Sequence[AffineConv]) -> str | None:
             return "branches read different channel counts"
         if op.stride != first.stride:
             return f"strides differ ({first.stride} vs {op.stride})"
-        if any(op._slack(d) != first._slack(d) for d in range(op.rank)):
+        if any(op._size_offset(d) != first._size_offset(d) for d in range(op.rank)):
             return "output sizes differ (padding does not line up)"
     return None
 
@@ -382,7 +384,7 @@ def check_compose(b: AffineConv, a: AffineConv) -> str | None:
     return "the second op reads zero padding of an output the first op computes (border differs)"
 
 
-def _mix(wb: np.ndarray, gb: int, wa: np.ndarray, ga: int) -> tuple[np.ndarray, int]:
+def _channel_product(wb: np.ndarray, gb: int, wa: np.ndarray, ga: int) -> tuple[np.ndarray, int]:
     """Channel product of a pointwise slice of b ([O, C/gb]) with a's weight ([C, I/ga, *k])."""
     g = math.gcd(ga, gb)
     wb = regroup(wb, gb, g)
@@ -435,7 +437,7 @@ def _compose_general(b: AffineConv, a: AffineConv) -> AffineConv:
     w = None
     groups = 1
     for u in np.ndindex(*b.kernel):
-        part, groups = _mix(b.weight[(slice(None), slice(None)) + u], b.groups, a.weight, a.groups)
+        part, groups = _channel_product(b.weight[(slice(None), slice(None)) + u], b.groups, a.weight, a.groups)
         if w is None:
             w = np.zeros(part.shape[:2] + tuple(size))
         index = [slice(None), slice(None)]

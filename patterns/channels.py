@@ -111,6 +111,10 @@ def plan_channels(view: ChannelView) -> ChannelPlan:
     def link(a: Key, ca: np.ndarray, b: Key, cb: np.ndarray):
         """Channels ca of value a are channels cb of value b."""
         va, vb = consts.get(a), consts.get(b)
+        if va is not None and len(va) != len(ca):  # the two ops read a's channels differently: keep both
+            tainted.update((a, int(i)) for i in np.flatnonzero(~np.isnan(va)))
+            tainted.update((b, int(j)) for j in cb if vb is not None and not np.isnan(vb[j]))
+            return
         for i, j in zip(ca, cb):
             ka = va is not None and not np.isnan(va[i])
             kb = vb is not None and not np.isnan(vb[j])

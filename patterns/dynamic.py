@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import affine as A
+from . import affine
 from .affine import AffineConv, Declined
 from .plan import BatchedConv, Replace, RulePlan
 from .planner import Affine, GraphView, Key, Scaled, Sum, describe_or_none
 
 
 @dataclass(eq=False)
-class _Terms:
+class _Weighted:
     source: Key
     scaled: list[tuple[Key, AffineConv]]
     static: AffineConv | None
@@ -46,7 +46,8 @@ def aggregate(view: GraphView) -> RulePlan:
     edits, declined = plan_dynamic(view)
 
     def summary(written) -> tuple[int, str]:
-        return len(written), f"{sum(len(e.term.scales) for e in written)} weighted convs -> {len(written)}"
+        convs = sum(len(e.term.scales) for e in written)
+        return len(written), f"{convs} weighted convs -> {len(written)}" if written else ""
 
     return RulePlan(edits, declined, *summary(edits), summary=summary)
 
@@ -56,11 +57,11 @@ def plan_dynamic(view: GraphView) -> tuple[list[Replace], dict[Key, str]]:
     for the ones declined."""
     values = list(view.values())
     order = {v: i for i, v in enumerate(values)}
-    terms: dict[Key, _Terms] = {}
+    terms: dict[Key, _Weighted] = {}
     declined: dict[Key, str] = {}
     for v in values:
         try:
-            t = _extend(view, v, describe_or_none(view, v), terms, order)
+            t = _extend_weighted(view, v, describe_or_none(view, v), terms, order)
         except Declined as e:
             declined[v] = str(e)
             continue
@@ -80,7 +81,7 @@ def plan_dynamic(view: GraphView) -> tuple[list[Replace], dict[Key, str]]:
     return regions, declined
 
 
-def _inner(view: GraphView, u: Key, terms: dict[Key, _Terms]) -> _Terms | None:
+def _inner(view: GraphView, u: Key, terms: dict[Key, _Weighted]) -> _Weighted | None:
     return terms.get(u) if view.single_consumer(u) else None
 
 
@@ -90,15 +91,15 @@ def _static_term(view: GraphView, u: Key) -> tuple[Key, AffineConv, tuple[Key, .
     if isinstance(d, Affine) and view.single_consumer(u):
         return d.input, d.op, (u,)
     layout = view.layout(u)
-    return None if layout is None else (u, A.identity(*layout), ())
+    return None if layout is None else (u, affine.identity(*layout), ())
 
 
-def _extend(view: GraphView, v: Key, d, terms: dict[Key, _Terms], order) -> _Terms | None:
+def _extend_weighted(view: GraphView, v: Key, d, terms: dict[Key, _Weighted], order) -> _Weighted | None:
     if isinstance(d, Scaled):
         inner = describe_or_none(view, d.input)
         if not isinstance(inner, Affine) or not view.single_consumer(d.input):
             return None
-        return _Terms(inner.input, [(d.scale, inner.op)], None, (d.input, v))
+        return _Weighted(inner.input, [(d.scale, inner.op)], None, (d.input, v))
 
     if isinstance(d, Affine):
         t = _inner(view, d.input, terms)
@@ -106,15 +107,15 @@ def _extend(view: GraphView, v: Key, d, terms: dict[Key, _Terms], order) -> _Ter
         if t is None or pc is None:
             return None
         scale, shift = pc
-        no_shift = A.per_channel(scale, np.zeros_like(shift), d.op.rank)
-        scaled = [(s, A.compose(no_shift, op)) for s, op in t.scaled]
+        no_shift = affine.per_channel(scale, np.zeros_like(shift), d.op.rank)
+        scaled = [(s, affine.compose(no_shift, op)) for s, op in t.scaled]
         if t.static is not None:
-            static = A.compose(d.op, t.static)
+            static = affine.compose(d.op, t.static)
         else:  # the shift becomes the static bias
             first = t.scaled[0][1]
             static = AffineConv(np.zeros_like(scaled[0][1].weight), shift.copy(), first.stride, first.pads,
                                 first.dilation, first.groups)
-        return _Terms(t.source, scaled, static, t.nodes + (v,))
+        return _Weighted(t.source, scaled, static, t.nodes + (v,))
 
     if isinstance(d, Sum):
         parts = [(_inner(view, u, terms), w, u) for u, w in zip(d.inputs, d.weights)]
@@ -124,40 +125,40 @@ def _extend(view: GraphView, v: Key, d, terms: dict[Key, _Terms], order) -> _Ter
         for t, w, u in parts:
             if t is not None:
                 src = t.source
-                scaled += [(s, A.scale(op, w)) for s, op in t.scaled]
+                scaled += [(s, affine.scale(op, w)) for s, op in t.scaled]
                 if t.static is not None:
-                    statics.append(A.scale(t.static, w))
+                    statics.append(affine.scale(t.static, w))
                 nodes.update(t.nodes)
             else:
                 st = _static_term(view, u)
                 if st is None:
                     return None
                 src, op, more = st
-                statics.append(A.scale(op, w))
+                statics.append(affine.scale(op, w))
                 nodes.update(more)
             if source is not None and src != source:
                 raise Declined("the weighted convs read different tensors")
             source = src
         ops = [op for _, op in scaled] + statics
         for other in ops[1:]:
-            reason = A.check_add(ops[0], other)
+            reason = affine.check_add(ops[0], other)
             if reason:
                 raise Declined(f"the weighted convs do not line up: {reason}")
         static = None
         for op in statics:
-            static = op if static is None else A.add(static, op)
-        return _Terms(source, scaled, static, tuple(sorted(nodes, key=order.__getitem__)) + (v,))
+            static = op if static is None else affine.add(static, op)
+        return _Weighted(source, scaled, static, tuple(sorted(nodes, key=order.__getitem__)) + (v,))
     return None
 
 
-def _region(t: _Terms) -> Replace:
+def _region(t: _Weighted) -> Replace:
     ops = [op for _, op in t.scaled]
     static = t.static
     if static is None:
         first = ops[0]
         static = AffineConv(np.zeros_like(first.weight), np.zeros(first.out_channels), first.stride,
                             first.pads, first.dilation, first.groups)
-    aligned = A.align(ops + [static])
+    aligned = affine.align(ops + [static])
     weights = np.stack([op.weight for op in aligned[:-1]])  # [K, O, I/g, *k]
     biases = np.stack([op.bias for op in aligned[:-1]])  # [K, O]
     term = BatchedConv(t.source, tuple(s for s, _ in t.scaled), weights, biases, aligned[-1])

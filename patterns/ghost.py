@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import affine as A
+from . import affine
 from .affine import AffineConv
 from .channels import ACTIVATIONS
 from .plan import Apply, Relu, Replace, RulePlan
@@ -87,11 +87,11 @@ def _match(view: GraphView, v: Key, d: Concat):
         return "the cheap op is not a stride-1 depthwise conv with one output per channel", None
     if not view.single_consumer(z):
         return "the cheap branch is read elsewhere", None
-    identity = A.identity(c, cheap.rank)
-    reason = A.check_add(identity, cheap)
+    identity = affine.identity(c, cheap.rank)
+    reason = affine.check_add(identity, cheap)
     if reason:
         return f"the cheap op does not line up with its input: {reason}", None
-    ident, dw = A.align([identity, cheap])
+    ident, dw = affine.align([identity, cheap])
     # interleave: out 2c is the identity, out 2c+1 the cheap filter, both reading channel c
     weight = np.stack([ident.weight, dw.weight], axis=1).reshape((2 * c,) + ident.weight.shape[1:])  # [2C, 1, *k]
     bias = np.stack([np.zeros(c), dw.bias], axis=1).reshape(2 * c)

@@ -10,9 +10,10 @@ It never touches an IR.  The vocabulary:
     Apply        an AffineConv on a term; `lower` decides how it is written (one conv,
                  one linear, or a per-channel scale and shift)
     Relu         relu of a term
+    Reshape      a term reshaped like an existing value (tokens [B, N, C] <-> [B*N, C])
     BatchedConv  one conv whose kernel differs per sample (dynamic-conv aggregation)
 
-Each IR has one writer: an `Emitter` (constant, conv, linear, scale_shift, relu,
+Each IR has one writer: an `Emitter` (constant, conv, linear, scale_shift, relu, reshape,
 batched_conv) that `emit` drives over a term, plus the IR's own walk that places the
 result, replaces uses and removes what died.  An IR that cannot express an edit says why
 (`Writer.cannot_write`) and the driver records a decline; a rule never guesses.
@@ -43,18 +44,33 @@ class Decline:
 
 @dataclass(frozen=True, eq=False)
 class Constant:
+    """The plan-time value the view computed for `of`, stored as one constant."""
+
     of: Key
 
 
 @dataclass(frozen=True, eq=False)
 class Apply:
+    """op(input): one conv, one linear or a per-channel scale and shift, as `lower(op)` decides for
+    every IR."""
+
     input: "Term"
     op: AffineConv
 
 
 @dataclass(frozen=True, eq=False)
 class Relu:
+    """max(input, 0): Ghost concat's cheap half keeps its ReLU."""
+
     input: "Term"
+
+
+@dataclass(frozen=True, eq=False)
+class Reshape:
+    """input reshaped to the shape of the existing value `like` (only leading batch dims differ)."""
+
+    input: "Term"
+    like: Key
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +88,7 @@ class BatchedConv:
         return bool(np.any(self.static.weight))
 
 
-Term = Union[Key, Constant, Apply, Relu, BatchedConv]
+Term = Union[Key, Constant, Apply, Relu, Reshape, BatchedConv]
 
 
 # ---------------------------------------------------------------- edits and plans
@@ -115,6 +131,8 @@ def _shape(term, label) -> Any:
         return ("apply", _shape(term.input, label), term.op.signature())
     if isinstance(term, Relu):
         return ("relu", _shape(term.input, label))
+    if isinstance(term, Reshape):
+        return ("reshape", _shape(term.input, label), label(term.like))
     if isinstance(term, BatchedConv):
         return ("batched", _shape(term.input, label), tuple(map(label, term.scales)), term.weights.shape)
     if isinstance(term, Constant):
@@ -157,6 +175,7 @@ class Emitter(Protocol):
     def linear(self, x: Any, weight: np.ndarray, bias: np.ndarray) -> Any: ...
     def scale_shift(self, x: Any, scale: np.ndarray | None, shift: np.ndarray | None, rank: int) -> Any: ...
     def relu(self, x: Any) -> Any: ...
+    def reshape(self, x: Any, like: Key) -> Any: ...
     def batched_conv(self, x: Any, term: BatchedConv) -> Any: ...
 
 
@@ -176,6 +195,8 @@ def emit(out: Emitter, term: Term, value_of: Callable[[Key], Any]) -> Any:
         return x
     if isinstance(term, Relu):
         return out.relu(emit(out, term.input, value_of))
+    if isinstance(term, Reshape):
+        return out.reshape(emit(out, term.input, value_of), term.like)
     if isinstance(term, BatchedConv):
         return out.batched_conv(emit(out, term.input, value_of), term)
     return value_of(term)

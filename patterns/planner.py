@@ -19,10 +19,10 @@ from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from . import affine as A
+from . import affine
 from .affine import AffineConv, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
-from .plan import Apply, Replace, RulePlan
+from .plan import Apply, Replace, Reshape, RulePlan
 
 Key = Hashable
 
@@ -42,7 +42,7 @@ class PadWith:
     """value = input padded by `pads` with the per-channel constant `values` (DBB's BN-and-pad)."""
 
     input: Key
-    pads: A.Pads
+    pads: affine.Pads
     values: np.ndarray
     rtol: float = 1e-5  # precision the values were computed in
 
@@ -63,6 +63,14 @@ class Concat:
 
 
 @dataclass(frozen=True)
+class Regroup:
+    """value = input with its leading (batch) dims regrouped, channels last on both sides ([B, N, C] ->
+    [B*N, C]: flatten, view, reshape).  A rank-0 op acts on every row alike, so it commutes with this."""
+
+    input: Key
+
+
+@dataclass(frozen=True)
 class Scaled:
     """value = scale * input, `scale` a per-sample scalar tensor ([N, 1, ...]) computed from data
     (a dynamic conv's attention).  Not affine; `repfuse.patterns.dynamic` reads it."""
@@ -80,12 +88,12 @@ class Pointwise:
     fn: object  # Callable[[np.ndarray], np.ndarray]
 
 
-def padded(input: Key, channels: int, pads: A.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
+def padded(input: Key, channels: int, pads: affine.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
     """Padding with a constant (scalar or per channel): zero padding is an affine op, anything else waits
     for the op before it to produce exactly that value on a zero input."""
     values = np.broadcast_to(np.asarray(values, dtype=np.float64), (channels,))
     if not np.any(values):
-        return Affine(input, A.zero_pad(channels, pads))
+        return Affine(input, affine.zero_pad(channels, pads))
     return PadWith(input, pads, values.copy(), rtol)
 
 
@@ -94,7 +102,7 @@ def precision(eps: float) -> float:
     return max(1e-5, 4 * float(eps))
 
 
-Description = Affine | PadWith | Sum | Concat | Scaled | Pointwise
+Description = Affine | PadWith | Sum | Concat | Regroup | Scaled | Pointwise
 
 
 class Layout(NamedTuple):
@@ -158,6 +166,7 @@ class Region:
     nodes: tuple[Key, ...]
     cost: float
     expensive: bool | None = None  # kept by _release
+    regrouped: bool = False  # the root's leading dims differ from the source's (a Regroup inside)
 
     @property
     def root(self) -> Key:
@@ -207,7 +216,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
         layout = view.layout(u)
         if layout is None:
             return None
-        return Region(u, A.identity(*layout), (), 0.0)
+        return Region(u, affine.identity(*layout), (), 0.0)
 
     def merged(parts: Sequence[Region], v: Key) -> tuple[Key, ...]:
         nodes = {n for p in parts for n in p.nodes}
@@ -222,7 +231,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
         if d is None or isinstance(d, (Scaled, Pointwise)):
             continue
         try:
-            region = _extend(view, v, d, input_map, merged)
+            region = _extend_region(view, v, d, input_map, merged)
         except Declined as e:
             declined[v] = str(e)
             region = _fresh(v, d)
@@ -237,7 +246,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
 def _release(region: Region) -> Region:
     """An absorbed region keeps what selection reads, not its fused weights: a chain of large convs
     would otherwise hold one fused copy per value."""
-    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region))
+    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region), region.regrouped)
 
 
 def _fresh(v: Key, d: Description) -> Region | None:
@@ -247,26 +256,33 @@ def _fresh(v: Key, d: Description) -> Region | None:
     return None
 
 
-def _extend(view, v, d, input_map, merged) -> Region | None:
+def _extend_region(view, v, d, input_map, merged) -> Region | None:
     if isinstance(d, Affine):
         m = input_map(d.input)
         if m is None or not m.nodes:
             return _fresh(v, d)
-        reason = A.check_compose(d.op, m.op)
+        reason = affine.check_compose(d.op, m.op)
         if reason:
             raise Declined(reason)
-        op = A.compose(d.op, m.op)
-        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride))
+        op = affine.compose(d.op, m.op)
+        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regrouped=m.regrouped)
 
     if isinstance(d, PadWith):
         m = input_map(d.input)
         if m is None or not m.nodes:
             return None
-        reason = A.check_pad_with(m.op, d.pads, d.values, d.rtol)
+        reason = affine.check_pad_with(m.op, d.pads, d.values, d.rtol)
         if reason:
             raise Declined(reason)
-        op = A.pad_with(m.op, d.pads)
-        return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride))
+        op = affine.pad_with(m.op, d.pads)
+        return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride),
+                      regrouped=m.regrouped)
+
+    if isinstance(d, Regroup):
+        m = input_map(d.input)
+        if m is None or not m.nodes or m.op.rank != 0:
+            return None
+        return Region(m.source, m.op, m.nodes + (v,), m.cost, regrouped=True)  # a view: costs nothing
 
     maps = [input_map(u) for u in d.inputs]
     if any(m is None for m in maps):
@@ -275,26 +291,26 @@ def _extend(view, v, d, input_map, merged) -> Region | None:
     if len(sources) != 1:
         raise Declined("branches read different tensors")
     if isinstance(d, Sum):
-        ops = [A.scale(m.op, w) if w != 1 else m.op for m, w in zip(maps, d.weights)]
+        ops = [affine.scale(m.op, w) if w != 1 else m.op for m, w in zip(maps, d.weights)]
         op = ops[0]
         for other in ops[1:]:
-            reason = A.check_add(op, other)
+            reason = affine.check_add(op, other)
             if reason:
                 raise Declined(reason)
-            op = A.add(op, other)
+            op = affine.add(op, other)
     else:
         ops = [m.op for m in maps]
-        reason = A.check_concat(ops)
+        reason = affine.check_concat(ops)
         if reason:
             raise Declined(reason)
-        op = A.concat(ops)
+        op = affine.concat(ops)
     cost = sum(m.cost for m in {id(m): m for m in maps}.values())
     cost += elementwise_cost(op.out_channels, op.stride)
-    return Region(maps[0].source, op, merged(maps, v), cost)
+    return Region(maps[0].source, op, merged(maps, v), cost, regrouped=any(m.regrouped for m in maps))
 
 
 def _inputs(d: Description) -> tuple[Key, ...]:
-    return (d.input,) if isinstance(d, (Affine, PadWith)) else tuple(d.inputs)
+    return (d.input,) if isinstance(d, (Affine, PadWith, Regroup)) else tuple(d.inputs)
 
 
 def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
@@ -330,7 +346,8 @@ def _too_expensive(region: Region) -> bool:
 def fuse_regions(view: GraphView) -> RulePlan:
     """Every maximal affine region becomes its fused op over the region's source."""
     found = plan(view)
-    edits = [Replace(r.root, Apply(r.source, r.op), r.nodes) for r in found.regions]
+    edits = [Replace(r.root, Reshape(Apply(r.source, r.op), r.root) if r.regrouped else Apply(r.source, r.op),
+                     r.nodes) for r in found.regions]
 
     def summary(written) -> tuple[int, str]:
         return len(written), f"{sum(len(e.erase) for e in written)} ops"

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol
 
 from . import channels, dynamic, ghost, planner
 from .plan import Constant, Decline, Replace, RulePlan
-from .planner import GraphView, Key
+from .planner import GraphView
 
 log = logging.getLogger("repfuse")
 
@@ -45,8 +45,8 @@ def fold_constants(view: GraphView) -> RulePlan:
 
     def summary(written) -> tuple[int, str]:
         kinds = Counter(view.kind(e.value) for e in written)
-        return len(written), ("parameter-only values folded ("
-                              + ", ".join(f"{k} x{c}" for k, c in kinds.most_common(4)) + ")")
+        listed = ", ".join(f"{k} x{c}" for k, c in kinds.most_common(4))
+        return len(written), f"parameter-only values folded ({listed})" if written else ""
 
     return RulePlan(edits, {}, *summary(edits), summary=summary)
 

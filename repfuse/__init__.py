@@ -9,22 +9,27 @@ Entry points (each imports its framework only when used):
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 __all__ = ["deploy", "TraceError", "ShapeGuardError", "optimize_onnx", "__version__"]
 
 
+_LAZY = {"deploy": ("pytorch", "torch"), "TraceError": ("pytorch", "torch"), "ShapeGuardError": ("pytorch", "torch"),
+         "optimize_onnx": ("onnx", "onnx")}  # name -> (backend module, the extra that installs its framework)
+
+
 def __getattr__(name: str):
-    if name in ("deploy", "TraceError", "ShapeGuardError"):
-        try:
-            from .backends import pytorch
-        except ImportError as e:  # torch missing
-            raise ImportError(f"repfuse.{name} needs PyTorch: pip install 'repfuse[torch]' ({e})") from None
-        return getattr(pytorch, name)
-    if name == "optimize_onnx":
-        try:
-            from .backends import onnx
-        except ImportError as e:
-            raise ImportError(f"repfuse.optimize_onnx needs {e.name}: pip install 'repfuse[onnx]'") from None
-        return onnx.optimize_onnx
-    raise AttributeError(f"module 'repfuse' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'repfuse' has no attribute {name!r}")
+    module, extra = _LAZY[name]
+    try:
+        backend = importlib.import_module(f"repfuse.backends.{module}")
+    except ImportError as e:  # the framework is missing
+        raise ImportError(f"repfuse.{name} needs {e.name or extra}: pip install 'repfuse[{extra}]' ({e})") from None
+    return getattr(backend, name)
+
+
+def __dir__():
+    return sorted(__all__)  # the public API

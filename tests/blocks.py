@@ -1,17 +1,28 @@
-"""Training-form blocks from the re-parameterization papers, written for the tests.
+"""Blocks for the tests: the paper blocks come from examples/zoo, the rest are test-only.
 
-Each block is built the way its paper trains it; nothing here knows about
-repfuse.  `randomize(model, seed)` gives every BatchNorm non-trivial statistics
-so that folding mistakes show up in the numbers.
+RepVGG, ACNet, DBB (with its BN-and-pad layer) and MobileOne blocks are the zoo's
+(`zoo.repvgg`, `zoo.acnet`, `zoo.dbb`, `zoo.mobileone`); this file adds the small
+blocks the zoo has no use for and `CASES`, every block family with what its
+hand-fused form has.  `randomize(model, seed)` gives every BatchNorm (and conv
+bias) non-trivial values so that folding mistakes show up in the numbers.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from zoo.acnet import ACBlock  # noqa: E402,F401
+from zoo.common import conv_bn  # noqa: E402,F401
+from zoo.dbb import DBB, BNAndPad  # noqa: E402,F401
+from zoo.mobileone import MobileOneBlock  # noqa: E402
+from zoo.repvgg import RepVGGBlock  # noqa: E402
 
 
 def op_counts(gm) -> Counter[str]:
@@ -35,11 +46,6 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model.eval()
-
-
-def conv_bn(cin, cout, k, stride=1, padding=0, groups=1, dilation=1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout))
 
 
 class ConvBN(nn.Module):
@@ -72,116 +78,6 @@ class LinearBN(nn.Module):
 
     def forward(self, x):
         return self.bn(self.fc(x))
-
-
-class RepVGGBlock(nn.Module):
-    """3x3-BN + 1x1-BN + BN identity (when shapes allow), then ReLU."""
-
-    def __init__(self, cin=8, cout=8, stride=1, groups=1):
-        super().__init__()
-        self.dense = conv_bn(cin, cout, 3, stride, 1, groups)
-        self.one = conv_bn(cin, cout, 1, stride, 0, groups)
-        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
-
-    def forward(self, x):
-        y = self.dense(x) + self.one(x)
-        if self.identity is not None:
-            y = y + self.identity(x)
-        return F.relu(y)
-
-
-class ACBlock(nn.Module):
-    """ACNet: square 3x3 plus horizontal 1x3 and vertical 3x1 kernels, each with BN."""
-
-    def __init__(self, cin=8, cout=8, stride=1):
-        super().__init__()
-        self.square = conv_bn(cin, cout, (3, 3), stride, (1, 1))
-        self.hor = conv_bn(cin, cout, (1, 3), stride, (0, 1))
-        self.ver = conv_bn(cin, cout, (3, 1), stride, (1, 0))
-
-    def forward(self, x):
-        return self.square(x) + self.hor(x) + self.ver(x)
-
-
-class BNAndPad(nn.Module):
-    """DBB's BN-and-pad layer: pad a BN output with the value the BN gives a zero input."""
-
-    def __init__(self, c, pad):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(c)
-        self.pad = pad
-
-    def fill(self) -> torch.Tensor:
-        """[C]: what the BN gives a zero input."""
-        bn = self.bn
-        return bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-
-    def forward(self, x):
-        y = self.bn(x)
-        if self.pad == 0:
-            return y
-        fill = self.fill().view(1, -1, 1, 1)
-        p = self.pad
-        y = F.pad(y, [p, p, p, p])
-        y[:, :, 0:p, :] = fill
-        y[:, :, -p:, :] = fill
-        y[:, :, :, 0:p] = fill
-        y[:, :, :, -p:] = fill
-        return y
-
-
-class DBBBlock(nn.Module):
-    """Diverse Branch Block: kxk-BN, 1x1-BN, 1x1-BN->avgpool-BN, 1x1-BN->kxk-BN.
-
-    `bn_and_pad=True` uses DBB's own layer (padding after the 1x1 with the BN's zero
-    response, kxk unpadded), which makes the whole block one conv.  With False
-    the 1x1-BN output is zero-padded by the kxk conv itself, which is not exact
-    to fold, so those branches must stay.
-    """
-
-    def __init__(self, cin=8, cout=8, k=3, stride=1, groups=1, bn_and_pad=True):
-        super().__init__()
-        p = k // 2
-        self.kxk = conv_bn(cin, cout, k, stride, p, groups)
-        self.one = conv_bn(cin, cout, 1, stride, 0, groups)
-        self.avg_conv = nn.Conv2d(cin, cout, 1, groups=groups, bias=False)
-        self.avg_pad = BNAndPad(cout, p) if bn_and_pad else nn.BatchNorm2d(cout)
-        self.avg = nn.AvgPool2d(k, stride, padding=0 if bn_and_pad else p)
-        self.avg_bn = nn.BatchNorm2d(cout)
-        self.chain_conv = nn.Conv2d(cin, cin, 1, groups=groups, bias=False)
-        self.chain_pad = BNAndPad(cin, p) if bn_and_pad else nn.BatchNorm2d(cin)
-        self.chain_kxk = nn.Conv2d(cin, cout, k, stride, 0 if bn_and_pad else p, groups=groups, bias=False)
-        self.chain_bn = nn.BatchNorm2d(cout)
-
-    def forward(self, x):
-        a = self.kxk(x)
-        b = self.one(x)
-        c = self.avg_bn(self.avg(self.avg_pad(self.avg_conv(x))))
-        d = self.chain_bn(self.chain_kxk(self.chain_pad(self.chain_conv(x))))
-        return a + b + c + d
-
-
-class MobileOneBlock(nn.Module):
-    """MobileOne: k over-parameterized conv-BN branches + 1x1 scale branch + BN identity.
-
-    depthwise=True is the 3x3 depthwise half, False the 1x1 pointwise half.
-    """
-
-    def __init__(self, c=8, k_branches=3, depthwise=True, stride=1):
-        super().__init__()
-        groups = c if depthwise else 1
-        kernel = 3 if depthwise else 1
-        self.branches = nn.ModuleList(conv_bn(c, c, kernel, stride, kernel // 2, groups) for _ in range(k_branches))
-        self.scale = conv_bn(c, c, 1, stride, 0, groups) if depthwise else None
-        self.identity = nn.BatchNorm2d(c) if stride == 1 else None
-
-    def forward(self, x):
-        y = self.identity(x) if self.identity is not None else 0
-        if self.scale is not None:
-            y = y + self.scale(x)
-        for branch in self.branches:
-            y = y + branch(x)
-        return F.relu(y)
 
 
 class RepGhostBlock(nn.Module):
@@ -231,9 +127,9 @@ class TinyRepNet(nn.Module):
         self.stem = RepVGGBlock(3, 16, stride=2)
         self.b1 = RepVGGBlock(16, 16)
         self.ac = ACBlock(16, 16)
-        self.dbb = DBBBlock(16, 16)
-        self.mo_dw = MobileOneBlock(16, depthwise=True)
-        self.mo_pw = MobileOneBlock(16, depthwise=False)
+        self.dbb = DBB(16, 16)
+        self.mo_dw = MobileOneBlock(16, 16, kernel=3, stride=1, groups=16, branches=3)
+        self.mo_pw = MobileOneBlock(16, 16, kernel=1, stride=1, groups=1, branches=3)
         self.head = nn.Linear(16, 10)
         self.head_bn = nn.BatchNorm1d(10)
 
@@ -279,22 +175,23 @@ CASES = {
     "bn_conv_pad0_fuses": (lambda: BNConv(padding=0), (2, 4, 9, 9), 1, 0),
     "bn_conv_pad1_stays": (lambda: BNConv(padding=1), (2, 4, 9, 9), 1, 1),
     "linear_bn1d": (lambda: LinearBN(), (3, 16), 1, 0),
-    "repvgg": (lambda: RepVGGBlock(), (2, 8, 9, 9), 1, 0),
+    "repvgg": (lambda: RepVGGBlock(8, 8), (2, 8, 9, 9), 1, 0),
     "repvgg_strided": (lambda: RepVGGBlock(8, 16, stride=2), (2, 8, 10, 10), 1, 0),
     "repvgg_grouped": (lambda: RepVGGBlock(8, 8, groups=4), (2, 8, 9, 9), 1, 0),
-    "acnet": (lambda: ACBlock(), (2, 8, 9, 9), 1, 0),
+    "acnet": (lambda: ACBlock(8, 8), (2, 8, 9, 9), 1, 0),
     "acnet_strided": (lambda: ACBlock(8, 8, stride=2), (2, 8, 11, 11), 1, 0),
-    "dbb_bn_and_pad": (lambda: DBBBlock(), (2, 8, 9, 9), 1, 0),
-    "dbb_bn_and_pad_5x5_strided": (lambda: DBBBlock(8, 8, k=5, stride=2), (2, 8, 12, 12), 1, 0),
+    "dbb_bn_and_pad": (lambda: DBB(8, 8), (2, 8, 9, 9), 1, 0),
+    "dbb_bn_and_pad_5x5_strided": (lambda: DBB(8, 8, k=5, stride=2), (2, 8, 12, 12), 1, 0),
     # zero padding after 1x1-BN: the chains through padded kxk / avgpool must stay unfused
-    "dbb_zero_pad": (lambda: DBBBlock(bn_and_pad=False), (2, 8, 9, 9), 5, None),
-    "mobileone_depthwise": (lambda: MobileOneBlock(8, 3, True), (2, 8, 9, 9), 1, 0),
-    "mobileone_depthwise_strided": (lambda: MobileOneBlock(8, 2, True, stride=2), (2, 8, 10, 10), 1, 0),
-    "mobileone_pointwise": (lambda: MobileOneBlock(8, 3, False), (2, 8, 9, 9), 1, 0),
+    "dbb_zero_pad": (lambda: DBB(8, 8, bn_and_pad=False), (2, 8, 9, 9), 5, None),
+    # MobileOneBlock(cin, cout, kernel, stride, groups, branches)
+    "mobileone_depthwise": (lambda: MobileOneBlock(8, 8, 3, 1, 8, 3), (2, 8, 9, 9), 1, 0),
+    "mobileone_depthwise_strided": (lambda: MobileOneBlock(8, 8, 3, 2, 8, 2), (2, 8, 10, 10), 1, 0),
+    "mobileone_pointwise": (lambda: MobileOneBlock(8, 8, 1, 1, 1, 3), (2, 8, 9, 9), 1, 0),
     "repghost": (lambda: RepGhostBlock(), (2, 8, 9, 9), 1, 0),
     "dilated": (lambda: DilatedBranches(8, 2), (2, 8, 11, 11), 1, 0),
     "shared_weight": (lambda: SharedWeight(), (2, 8, 9, 9), 2, 0),
-    "dbb_depthwise": (lambda: DBBBlock(8, 8, groups=8), (2, 8, 9, 9), 1, 0),
+    "dbb_depthwise": (lambda: DBB(8, 8, groups=8), (2, 8, 9, 9), 1, 0),
     "concat_branches": (lambda: ConcatBranches(), (2, 4, 9, 9), 1, 0),
     # 3x3 beside 1x1: merging would pad the 1x1 to 3x3 and cost more, so the cost model keeps two convs
     "concat_mixed_kernels_stays": (lambda: ConcatBranches(k_b=1), (2, 4, 9, 9), 2, 0),

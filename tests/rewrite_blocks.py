@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks import conv_bn  # the zoo's conv-BN unit
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -22,10 +24,6 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.3)
     return model.eval()
-
-
-def conv_bn(cin, cout, k, stride=1, padding=0, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False), nn.BatchNorm2d(cout))
 
 
 def _kill(unit: nn.Sequential, channels, value: float) -> None:

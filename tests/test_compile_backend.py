@@ -60,7 +60,7 @@ def test_eval_no_grad_model_is_fused():
 
 @pytest.mark.parametrize("mode", ["train", "grad"])
 def test_training_graph_passes_through_unchanged(mode):
-    model = B.randomize(B.RepVGGBlock())
+    model = B.randomize(B.RepVGGBlock(8, 8))
     x = torch.randn(2, 8, 9, 9)
     rec = Recorder()
     if mode == "train":
@@ -74,7 +74,7 @@ def test_training_graph_passes_through_unchanged(mode):
 
 def test_two_instances_get_their_own_weights():
     rec = Recorder()
-    m1, m2 = B.randomize(B.RepVGGBlock(), 1), B.randomize(B.RepVGGBlock(), 2)
+    m1, m2 = B.randomize(B.RepVGGBlock(8, 8), 1), B.randomize(B.RepVGGBlock(8, 8), 2)
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
         y1, y2 = compiled(m1, rec)(x), compiled(m2, rec)(x)
@@ -85,12 +85,12 @@ def test_two_instances_get_their_own_weights():
 
 def test_weights_follow_load_state_dict_and_in_place_edits():
     rec = Recorder()
-    model = B.randomize(B.DBBBlock(), 1)
+    model = B.randomize(B.DBB(8, 8), 1)
     x = torch.randn(2, 8, 9, 9)
     f = compiled(model, rec)
     with torch.no_grad():
         f(x)
-        model.load_state_dict(B.randomize(B.DBBBlock(), 7).state_dict())
+        model.load_state_dict(B.randomize(B.DBB(8, 8), 7).state_dict())
         assert_close(f(x), model(x))
         model.kxk[0].weight.mul_(3.0)
         assert_close(f(x), model(x))
@@ -100,7 +100,7 @@ def test_weights_follow_load_state_dict_and_in_place_edits():
 
 def test_fused_weights_are_cached_until_a_parameter_changes():
     rec = Recorder()
-    model = B.randomize(B.RepVGGBlock())
+    model = B.randomize(B.RepVGGBlock(8, 8))
     x = torch.randn(2, 8, 9, 9)
     f = compiled(model, rec)
     with torch.no_grad():

@@ -244,7 +244,7 @@ def test_dynamic_linear_is_declined_and_exact(batch):
     inputs = [torch.randn(batch, 8)] + ([torch.randn(5, 8)] if batch > 1 else [])
     run_both(gm, model, *inputs)
     assert B.op_counts(gm)["linear"] == 4  # gate + 3 experts: per-sample weights would cost more
-    assert any("dynamic linear" in r for _, r in gm.meta["repfuse_report"].declined)
+    assert any("dynamic linear" in d.reason and d.rule == "dynamic_conv" for d in gm.meta["repfuse_report"].declined)
 
 
 # ---------------------------------------------------------------- declines never escape a rule
@@ -279,7 +279,7 @@ def test_ghost_concat_with_declined_neighbours(blocker):
 @pytest.fixture
 def rep_block():
     torch._dynamo.reset()
-    yield B.randomize(B.RepVGGBlock())
+    yield B.randomize(B.RepVGGBlock(8, 8))
     torch._dynamo.reset()
 
 

@@ -83,7 +83,7 @@ def test_dynamic_batch_and_spatial_dims_survive(dynamo, tmp_path):
 
 
 def test_fp16_model_is_fused_and_stays_fp16(tmp_path, capsys):
-    model = B.randomize(B.DBBBlock()).half()
+    model = B.randomize(B.DBB(8, 8)).half()
     src = export(model, torch.randn(1, 8, 9, 9).half(), tmp_path / "in.onnx", dynamo=False)
     out = tmp_path / "out.onnx"
     assert main(["optimize", str(src), "-o", str(out), "--check", "-q"]) == 0
@@ -93,7 +93,7 @@ def test_fp16_model_is_fused_and_stays_fp16(tmp_path, capsys):
 
 
 def test_python_api_returns_model_proto_and_leaves_input_alone(tmp_path):
-    model = B.randomize(B.ACBlock())
+    model = B.randomize(B.ACBlock(8, 8))
     src = export(model, torch.randn(1, 8, 9, 9), tmp_path / "in.onnx", dynamo=False)
     before = src.read_bytes()
     proto = repfuse.optimize_onnx(str(src))
@@ -239,7 +239,7 @@ def test_cli_help_has_examples():
 def test_report_json(tmp_path):
     import json
 
-    src = export(B.randomize(B.RepVGGBlock()), torch.randn(1, 8, 9, 9), tmp_path / "in.onnx", dynamo=False)
+    src = export(B.randomize(B.RepVGGBlock(8, 8)), torch.randn(1, 8, 9, 9), tmp_path / "in.onnx", dynamo=False)
     report = tmp_path / "r.json"
     assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--report", str(report), "-q"]) == 0
     data = json.loads(report.read_text())

@@ -95,7 +95,7 @@ def test_nothing_to_fuse_is_structurally_unchanged():
 
 
 def test_unbound_params_are_left_alone_until_bound():
-    model = B.randomize(B.RepVGGBlock())
+    model = B.randomize(B.RepVGGBlock(8, 8))
     x = torch.randn(1, 8, 9, 9)
     mod = to_relax(model, x, keep_params_as_input=True)
     tvm.ir.assert_structural_equal(RepFuse()(mod), mod)
@@ -105,7 +105,7 @@ def test_unbound_params_are_left_alone_until_bound():
 
 
 def test_pipeline_in_front_of_another():
-    model = B.randomize(B.ACBlock())
+    model = B.randomize(B.ACBlock(8, 8))
     x = torch.randn(1, 8, 9, 9)
     mod = to_relax(model, x)
     ex = tvm.compile(mod, target="llvm", relax_pipeline=pipeline("default"))

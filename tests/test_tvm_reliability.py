@@ -154,7 +154,7 @@ def test_product_of_two_tensors_with_symbolic_hw():
 
 SYMBOLIC = {  # name: (model, input shape, other size, ops the fused module must have)
     "conv-bn": (lambda: B.randomize(B.ConvBN(), 3), (2, 4, 9, 9), {"conv2d": 1, "batch_norm": 0}),
-    "repvgg": (lambda: B.randomize(B.RepVGGBlock(), 3), (2, 8, 9, 9), {"conv2d": 1, "batch_norm": 0}),
+    "repvgg": (lambda: B.randomize(B.RepVGGBlock(8, 8), 3), (2, 8, 9, 9), {"conv2d": 1, "batch_norm": 0}),
     "repvgg-stride2": (lambda: B.randomize(B.RepVGGBlock(8, 8, stride=2), 3), (2, 8, 9, 9),
                        {"conv2d": 1, "batch_norm": 0}),
     "dead-channels": (lambda: RB.DeadChannels(0.5), (2, 3, 8, 8), {"conv2d": 2, "batch_norm": 0}),
@@ -424,7 +424,7 @@ def test_mistakes_on_the_entry_points_give_one_line():
 
 
 def test_unbound_parameters_are_left_alone_and_reported():
-    model = B.randomize(B.RepVGGBlock())
+    model = B.randomize(B.RepVGGBlock(8, 8))
     x = torch.randn(1, 8, 9, 9)
     mod = to_relax(model, x, keep_params_as_input=True)
     fused, report = fuse(mod)

@@ -39,9 +39,9 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def conv_bn(cin: int, cout: int, k, stride=1, padding=0, groups: int = 1) -> nn.Sequential:
+def conv_bn(cin: int, cout: int, k, stride=1, padding=0, groups: int = 1, dilation=1) -> nn.Sequential:
     """nn.Sequential(Conv2d without bias, BatchNorm2d): the training-form conv unit."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False),
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups, bias=False),
                          nn.BatchNorm2d(cout))
 
 
@@ -56,6 +56,15 @@ def fuse_conv_bn(weight: torch.Tensor, bias: torch.Tensor | None,
     if bias is None:
         bias = torch.zeros_like(bn.running_mean)
     return weight * scale.reshape(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
+
+
+def identity_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The identity as a conv kernel shaped like `weight` ([C, C/groups, kh, kw]): 1 at the
+    centre tap of each channel's own input, whatever the groups."""
+    c, per_group, kh, kw = weight.shape
+    kernel = torch.zeros_like(weight)
+    kernel[torch.arange(c), torch.arange(c) % per_group, kh // 2, kw // 2] = 1.0
+    return kernel
 
 
 def count_convs(module: nn.Module) -> int:
@@ -132,12 +141,18 @@ def deploy_conv(cin: int, cout: int, k: int, stride: int) -> nn.Conv2d:
 
 
 @torch.no_grad()
+def load_fused(units, convs, fuse) -> None:
+    """Copy `fuse(unit) -> (weight, bias)` of each training-form unit into its deploy conv."""
+    for unit, conv in zip(units, convs, strict=True):
+        weight, bias = fuse(unit)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+
+
+@torch.no_grad()
 def resnet18_deploy(model: ResNet18, fuse_unit) -> ResNet18:
     """A new ResNet-18 with one conv (with bias) per unit; `fuse_unit(unit) -> (weight, bias)` is the paper's fold."""
     deploy = ResNet18(deploy_conv, model.fc.out_features)
-    for src, dst in zip(model.units(), deploy.units(), strict=True):
-        weight, bias = fuse_unit(src)
-        dst.weight.copy_(weight)
-        dst.bias.copy_(bias)
+    load_fused(model.units(), deploy.units(), fuse_unit)
     deploy.fc.load_state_dict(model.fc.state_dict())
     return deploy.eval()

@@ -46,14 +46,17 @@ class BNAndPad(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         self.pad = pad
 
+    def fill(self) -> torch.Tensor:
+        """[C]: what the BN gives a zero input."""
+        bn = self.bn
+        return bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
     def forward(self, x):
         y = self.bn(x)
         p = self.pad
         if p == 0:
             return y
-        bn = self.bn
-        fill = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        fill = fill.view(1, -1, 1, 1)
+        fill = self.fill().view(1, -1, 1, 1)
         y = F.pad(y, [p, p, p, p])
         y[:, :, 0:p, :] = fill
         y[:, :, -p:, :] = fill
@@ -63,21 +66,29 @@ class BNAndPad(nn.Module):
 
 
 class DBB(nn.Module):
-    """Diverse Branch Block replacing a kxk conv-BN (groups = 1; internal width of the
-    1x1-kxk branch = in_channels, as in the paper's ResNet setting)."""
+    """Diverse Branch Block replacing a kxk conv-BN (internal width of the 1x1-kxk branch =
+    in_channels, as in the paper's ResNet setting).
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1):
+    `bn_and_pad=False` is the naive form the paper's BN-and-pad layer exists to avoid: the
+    1x1-BN output is zero-padded by the avgpool / kxk conv itself, so those two branches
+    are not one conv.  `fuse_dbb` needs groups = 1 and BN-and-pad.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
+                 bn_and_pad: bool = True):
         super().__init__()
         p = k // 2
-        self.kxk = conv_bn(cin, cout, k, stride, p)
-        self.one = conv_bn(cin, cout, 1, stride, 0)
-        self.avg_conv = nn.Conv2d(cin, cout, 1, bias=False)
-        self.avg_pad = BNAndPad(cout, p)
-        self.avg = nn.AvgPool2d(k, stride, padding=0)
+        inner = 0 if bn_and_pad else p  # padding of the avgpool and of the chain's kxk conv
+        self.groups, self.bn_and_pad = groups, bn_and_pad
+        self.kxk = conv_bn(cin, cout, k, stride, p, groups)
+        self.one = conv_bn(cin, cout, 1, stride, 0, groups)
+        self.avg_conv = nn.Conv2d(cin, cout, 1, groups=groups, bias=False)
+        self.avg_pad = BNAndPad(cout, p) if bn_and_pad else nn.BatchNorm2d(cout)
+        self.avg = nn.AvgPool2d(k, stride, padding=inner)
         self.avg_bn = nn.BatchNorm2d(cout)
-        self.chain_conv = nn.Conv2d(cin, cin, 1, bias=False)
-        self.chain_pad = BNAndPad(cin, p)
-        self.chain_kxk = nn.Conv2d(cin, cout, k, stride, padding=0, bias=False)
+        self.chain_conv = nn.Conv2d(cin, cin, 1, groups=groups, bias=False)
+        self.chain_pad = BNAndPad(cin, p) if bn_and_pad else nn.BatchNorm2d(cin)
+        self.chain_kxk = nn.Conv2d(cin, cout, k, stride, padding=inner, groups=groups, bias=False)
         self.chain_bn = nn.BatchNorm2d(cout)
 
     def forward(self, x):
@@ -116,6 +127,8 @@ def avg_kernel(channels: int, k: int) -> torch.Tensor:
 
 
 def fuse_dbb(block: DBB) -> tuple[torch.Tensor, torch.Tensor]:
+    if block.groups != 1 or not block.bn_and_pad:
+        raise ValueError("fuse_dbb needs groups=1 and BN-and-pad")
     k = block.kxk[0].kernel_size[0]
     p = k // 2
     cout = block.kxk[0].out_channels

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from .common import conv_bn, fuse_conv_bn
+    from .common import conv_bn, fuse_conv_bn, identity_kernel, load_fused
 except ImportError:  # run with examples/zoo on sys.path
-    from common import conv_bn, fuse_conv_bn
+    from common import conv_bn, fuse_conv_bn, identity_kernel, load_fused
 
 INPUT_SIZE = (1, 3, 224, 224)
 
@@ -104,11 +104,7 @@ def fuse_block(block: MobileOneBlock) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = fuse_conv_bn(block.scale[0].weight, None, block.scale[1])
         weight, bias = weight + F.pad(w, [p, p, p, p]), bias + b
     if block.identity is not None:
-        c = block.identity.num_features
-        per_group = conv.in_channels // conv.groups
-        kernel = torch.zeros_like(conv.weight)
-        kernel[torch.arange(c), torch.arange(c) % per_group, p, p] = 1.0
-        w, b = fuse_conv_bn(kernel, None, block.identity)
+        w, b = fuse_conv_bn(identity_kernel(conv.weight), None, block.identity)
         weight, bias = weight + w, bias + b
     return weight, bias
 
@@ -117,9 +113,6 @@ def fuse_block(block: MobileOneBlock) -> tuple[torch.Tensor, torch.Tensor]:
 def to_deploy(model: MobileOne) -> MobileOne:
     """A new MobileOne with one conv + ReLU per block, equal to `model` in eval mode."""
     deploy = MobileOne(model.fc.out_features, deploy=True)
-    for src, dst in zip(model.layers, deploy.layers, strict=True):
-        weight, bias = fuse_block(src)
-        dst.conv.weight.copy_(weight)
-        dst.conv.bias.copy_(bias)
+    load_fused(model.layers, [block.conv for block in deploy.layers], fuse_block)
     deploy.fc.load_state_dict(model.fc.state_dict())
     return deploy.eval()

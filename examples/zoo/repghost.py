@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import conv_bn, fuse_conv_bn
+from .common import conv_bn, fuse_conv_bn, identity_kernel
 from .ghostnet import GhostBottleneck, GhostNet, fold_all_conv_bn, fold_conv_bn
 
 INPUT_SIZE = (1, 3, 224, 224)
@@ -70,10 +70,7 @@ class RepGhostModule(nn.Module):
     def reparameterize(self):
         """Merge the identity BN branch and the cheap conv-BN into one depthwise conv with bias."""
         fused = fold_conv_bn(self.cheap)
-        identity = torch.zeros_like(fused.weight)  # depthwise: [C, 1, k, k]
-        kh, kw = identity.shape[-2:]
-        identity[:, 0, kh // 2, kw // 2] = 1.0
-        weight, bias = fuse_conv_bn(identity, None, self.identity_bn)
+        weight, bias = fuse_conv_bn(identity_kernel(fused.weight), None, self.identity_bn)
         fused.weight += weight
         fused.bias += bias
         self.cheap = fused

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from .common import conv_bn, fuse_conv_bn
+    from .common import conv_bn, fuse_conv_bn, identity_kernel, load_fused
 except ImportError:  # run with examples/zoo on sys.path
-    from common import conv_bn, fuse_conv_bn
+    from common import conv_bn, fuse_conv_bn, identity_kernel, load_fused
 
 INPUT_SIZE = (1, 3, 224, 224)
 
@@ -42,12 +42,13 @@ def stage_specs(variant: str) -> list[tuple[int, int]]:
 
 
 class RepVGGBlock(nn.Module):
-    """Training form: 3x3-BN + 1x1-BN + BN identity (where shapes allow), then ReLU."""
+    """Training form: 3x3-BN + 1x1-BN + BN identity (where shapes allow), then ReLU.
+    `groups` > 1 is the paper's group-wise variant (e.g. RepVGG-B1g2)."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1):
         super().__init__()
-        self.dense = conv_bn(cin, cout, 3, stride, 1)
-        self.one = conv_bn(cin, cout, 1, stride, 0)
+        self.dense = conv_bn(cin, cout, 3, stride, 1, groups)
+        self.one = conv_bn(cin, cout, 1, stride, 0, groups)
         self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
 
     def forward(self, x):
@@ -60,9 +61,9 @@ class RepVGGBlock(nn.Module):
 class RepVGGDeployBlock(nn.Module):
     """Deploy form: one 3x3 conv with bias, then ReLU."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=True)
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=True)
 
     def forward(self, x):
         return F.relu(self.conv(x))
@@ -98,10 +99,7 @@ def fuse_block(block: RepVGGBlock) -> tuple[torch.Tensor, torch.Tensor]:
     w1, b1 = fuse_conv_bn(F.pad(block.one[0].weight, [1, 1, 1, 1]), None, block.one[1])
     weight, bias = w3 + w1, b3 + b1
     if block.identity is not None:
-        c = block.identity.num_features
-        kernel = torch.zeros_like(w3)
-        kernel[torch.arange(c), torch.arange(c), 1, 1] = 1.0
-        wi, bi = fuse_conv_bn(kernel, None, block.identity)
+        wi, bi = fuse_conv_bn(identity_kernel(w3), None, block.identity)
         weight, bias = weight + wi, bias + bi
     return weight, bias
 
@@ -110,9 +108,6 @@ def fuse_block(block: RepVGGBlock) -> tuple[torch.Tensor, torch.Tensor]:
 def to_deploy(model: RepVGG) -> RepVGG:
     """A new RepVGG with one 3x3 conv + ReLU per block, equal to `model` in eval mode."""
     deploy = RepVGG(model.variant, model.fc.out_features, deploy=True)
-    for src, dst in zip(model.blocks, deploy.blocks, strict=True):
-        weight, bias = fuse_block(src)
-        dst.conv.weight.copy_(weight)
-        dst.conv.bias.copy_(bias)
+    load_fused(model.blocks, [block.conv for block in deploy.blocks], fuse_block)
     deploy.fc.load_state_dict(model.fc.state_dict())
     return deploy.eval()

@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..patterns import affine as A
+from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Layout, PadWith, Pointwise, Scaled, Sum, padded, precision
+from ..patterns.planner import Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, padded, precision
 from .report import GraphStats
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
@@ -31,8 +31,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
-def _constant(value: ir.Value | None) -> bool:
-    """const_array(value) is not None, without reading the tensor (it may be external data)."""
+def _constant(value: ir.Value | None) -> bool:  # const_array(value) is not None, without reading external data
     return value is not None and not value.is_graph_input() and ir.convenience.get_const_tensor(value) is not None
 
 
@@ -120,8 +119,14 @@ def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
     evaluation; a node the evaluator cannot run, or whose output outgrows its inputs, stays with all it feeds."""
     known: dict[ir.Value, np.ndarray | None] = {}  # inputs looked at: their array, None when not constant
     order, produced = [], set()
+
+    def leaf(v: ir.Value) -> bool:
+        if v not in known:
+            known[v] = const_array(v)
+        return known[v] is not None
+
     for node in graph:
-        if _may_fold(node) and all(v is None or v in produced or _leaf(v, known) for v in node.inputs):
+        if _may_fold(node) and all(v is None or v in produced or leaf(v) for v in node.inputs):
             order.append(node)
             produced.update(node.outputs)
     leaves = {v: a for v, a in known.items() if a is not None}
@@ -133,12 +138,6 @@ def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
                 and sum(o.nbytes for o in outs) <= sum(known[v].nbytes for v in ins) + _GROWTH:
             known.update(zip(node.outputs, outs))
     return {v: a for v, a in known.items() if v not in leaves and not v.is_graph_output()}
-
-
-def _leaf(v: ir.Value, known: dict) -> bool:
-    if v not in known:
-        known[v] = const_array(v)
-    return known[v] is not None
 
 
 def _evaluate(order: list[ir.Node], leaves: dict, opsets: dict[str, int]) -> dict:
@@ -293,9 +292,8 @@ class OnnxView:
         return add if self.attached.get(add) == [node] else None
 
     def batch_key(self, value: ir.Value):
-        """Equal for two values exactly when their batch dims are provably equal: the static size, or the
-        symbol of the tensor it was carried from.  Shape inference names the batch of Reshape(pi_k, [-1, 1, 1,
-        1]) afresh (unk__0), so symbols alone cannot tell an attention from any other tensor."""
+        """Equal for two values exactly when their batch dims provably are: the static size, or the symbol of the
+        tensor it was carried from (shape inference names the batch of Reshape(pi_k, [-1, 1, 1, 1]) afresh)."""
         if self._batch is None:
             self._batch = {}
             for node in self.graph:
@@ -331,7 +329,7 @@ class OnnxView:
                            if both else "input shape or channel count unknown")
         return layout
 
-    def pads(self, node, x, kernel, stride, dilation) -> A.Pads:
+    def pads(self, node, x, kernel, stride, dilation) -> affine.Pads:
         """ONNX pads [x1_begin, x2_begin, ..., x1_end, x2_end], or what auto_pad gives."""
         mode, rank, dims = node.attributes.get_string("auto_pad", "NOTSET"), len(kernel), _dims(x) or []
         if mode == "VALID":
@@ -356,7 +354,8 @@ def _conv(view: OnnxView, node):
     x, w, a = view.input(node), view.const(node, 1, "conv weight"), node.attributes
     stride, dilation = (tuple(a.get_ints(k, [1] * (w.ndim - 2))) for k in ("strides", "dilations"))
     pads = view.pads(node, x, w.shape[2:], stride, dilation)
-    return Affine(x, A.conv(w, view.const(node, 2, "conv bias", True), stride, pads, dilation, a.get_int("group", 1)))
+    bias = view.const(node, 2, "conv bias", optional=True)
+    return Affine(x, affine.conv(w, bias, stride, pads, dilation, a.get_int("group", 1)))
 
 
 def _batchnorm(view: OnnxView, node):
@@ -367,7 +366,7 @@ def _batchnorm(view: OnnxView, node):
         raise Declined("BatchNorm with training outputs (opset <= 13) uses batch statistics")
     scale, bias, mean, var = (view.const(node, i, "BatchNorm parameters") for i in range(1, 5))
     eps = node.attributes.get_float("epsilon", 1e-5)
-    return Affine(x, A.batchnorm(mean, var, scale, bias, eps, view.layout_of(x, channels_first=True).rank))
+    return Affine(x, affine.batchnorm(mean, var, scale, bias, eps, view.layout_of(x, channels_first=True).rank))
 
 
 def _identity(view: OnnxView, node, factor: float = 1.0):
@@ -376,7 +375,7 @@ def _identity(view: OnnxView, node, factor: float = 1.0):
         mode = const_array(node.inputs[2])
         if mode is None or bool(mode):
             return None  # training mode, or a mode given at run time
-    return Affine(x, A.scale(A.identity(*view.layout_of(x)), factor))
+    return Affine(x, affine.scale(affine.identity(*view.layout_of(x)), factor))
 
 
 def _elementwise(kind: str):
@@ -396,16 +395,11 @@ def _elementwise(kind: str):
             return None
         x, c = (a, cb) if cb is not None else (b, ca)
         layout = view.layout_of(x)
-        ndim = len(x.shape)
-        tokens = layout.rank == 0 and ndim > 2
-        if tokens:  # channels last: a per-channel constant varies along the last axis only
-            if c.ndim > ndim or any(d != 1 for d in c.shape[:-1]):
-                raise Declined("constant operand is not per-channel")
-            c, ndim = c.reshape(c.shape[-1:]), 2
-        op = A.elementwise(kind, A.channel_vector(c, ndim, layout.channels), ca is not None, layout.rank)
+        vector = affine.channel_vector(c, len(x.shape), layout.channels, layout.rank)
+        op = affine.elementwise(kind, vector, ca is not None, layout.rank)
         mm = x.producer()
-        if op is not None and tokens and kind == "add" and mm is not None and mm.op_type == "MatMul" \
-                and view.single_consumer(x):
+        if op is not None and kind == "add" and len(x.shape) > layout.rank + 2 and mm is not None \
+                and mm.op_type == "MatMul" and view.single_consumer(x):
             # MatMul + Add is how ONNX writes an N-D linear (and how it is written back): read as one op,
             # so that a linear alone is a fixed point
             try:
@@ -413,7 +407,7 @@ def _elementwise(kind: str):
             except Declined:
                 return Affine(x, op)
             view.attached[node.outputs[0]] = [mm]
-            return Affine(inner.input, A.compose(op, inner.op))
+            return Affine(inner.input, affine.compose(op, inner.op))
         return None if op is None else Affine(x, op)
 
     return read
@@ -429,14 +423,8 @@ def _scaled(view: OnnxView, a: ir.Value, b: ir.Value):
     return None
 
 
-def _pointwise(name: str):
-    return lambda view, node: Pointwise(view.input(node), ACTIVATIONS[name])
-
-
-def _hardsigmoid(view: OnnxView, node):
-    alpha, beta = node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
-    torch_form = np.isclose(alpha, 1 / 6, rtol=1e-6) and beta == 0.5  # the form patterns.channels names
-    return Pointwise(view.input(node), ACTIVATIONS["hardsigmoid"]) if torch_form else None
+def _pointwise(name: str, form=lambda attributes: True):
+    return lambda view, node: Pointwise(view.input(node), ACTIVATIONS[name]) if form(node.attributes) else None
 
 
 def _clip(view: OnnxView, node):
@@ -470,7 +458,7 @@ def _gemm(view: OnnxView, node):
     c = view.const(node, 2, "Gemm bias", optional=True)
     if c is not None and (c.size not in (1, w.shape[0]) or c.ndim == 2 and c.shape[0] != 1):
         raise Declined("Gemm bias is not per-output")
-    return Affine(x, A.linear(w, None if c is None else np.broadcast_to(c.reshape(-1) * a.get_float("beta", 1.0),
+    return Affine(x, affine.linear(w, None if c is None else np.broadcast_to(c.reshape(-1) * a.get_float("beta", 1.0),
                                                                         (w.shape[0],))))
 
 
@@ -479,7 +467,17 @@ def _matmul(view: OnnxView, node):
     layout = view.layout(x)
     if w.ndim != 2 or layout is None or layout.rank != 0:
         raise Declined("MatMul is not [..., I] x [I, O] over its input's channels")
-    return Affine(x, A.linear(w.T))  # [O, I]
+    return Affine(x, affine.linear(w.T))  # [O, I]
+
+
+def _regroup(view: OnnxView, node):
+    """Reshape / Flatten that only regroups the leading dims of a channels-last value ([B, N, C] -> [B*N, C]):
+    the last dim is kept, and both sides are read channels-last."""
+    x = node.inputs[0]
+    before, after = (None, None) if x is None or _constant(x) else (view.layout(x), view.layout(node.outputs[0]))
+    if before is None or after is None or before.rank or after.rank or before.channels != after.channels:
+        return None
+    return Regroup(x)
 
 
 def _average_pool(view: OnnxView, node):
@@ -493,12 +491,12 @@ def _average_pool(view: OnnxView, node):
         raise Declined("pool rank differs from the input's")
     if a.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and any(p != (0, 0) for p in pads):
         raise Declined("auto_pad SAME average pool never counts its padding")
-    return Affine(x, A.avg_pool(layout.channels, layout.rank, kernel, stride, pads,
+    return Affine(x, affine.avg_pool(layout.channels, layout.rank, kernel, stride, pads,
                                 count_include_pad=bool(a.get_int("count_include_pad", 0)),
                                 ceil_mode=bool(a.get_int("ceil_mode", 0)), input_size=_dims(x)[2:]))
 
 
-def _pad_geometry(view: OnnxView, node) -> tuple[ir.Value, A.Pads, float]:
+def _pad_geometry(view: OnnxView, node) -> tuple[ir.Value, affine.Pads, float]:
     x = view.input(node)
     if node.attributes.get_string("mode", "constant") != "constant":
         raise Declined(f"{node.attributes.get_string('mode')} padding")
@@ -569,9 +567,12 @@ READERS = {
     "Neg": lambda view, node: _identity(view, node, -1.0), "Add": _elementwise("add"), "Sub": _elementwise("sub"),
     "Mul": _elementwise("mul"), "Div": _elementwise("div"), "Relu": _pointwise("relu"),
     "Sigmoid": _pointwise("sigmoid"), "Tanh": _pointwise("tanh"), "HardSwish": _pointwise("hardswish"),
-    "HardSigmoid": _hardsigmoid, "Clip": _clip, "Concat": _concat, "Gemm": _gemm, "AveragePool": _average_pool,
+    # torch's hardsigmoid only: the form patterns.channels names
+    "HardSigmoid": _pointwise("hardsigmoid", lambda a: np.isclose(a.get_float("alpha", 0.2), 1 / 6, rtol=1e-6)
+                              and a.get_float("beta", 0.5) == 0.5),
+    "Clip": _clip, "Concat": _concat, "Gemm": _gemm, "AveragePool": _average_pool,
     "MatMul": lambda view, node: None if view._pair(node) is not None else _matmul(view, node),
-    "Pad": _pad, "ScatterND": _border_fill, "Transpose": _border_fill,
+    "Pad": _pad, "ScatterND": _border_fill, "Transpose": _border_fill, "Reshape": _regroup, "Flatten": _regroup,
 }
 
 

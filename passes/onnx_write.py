@@ -8,32 +8,35 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
-from ..patterns import rules as R
 from ..patterns.affine import AffineConv
-from ..patterns.plan import BatchedConv, Replace, Resize, emit, terms
+from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, terms
+from ..patterns.rules import Run, enabled, run
 from .onnx import OnnxView, _used, opset
 
 __all__ = ["run_rules", "Adapter", "Emitter"]
 
 
 def run_rules(model: ir.Model, rules: frozenset[str] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> R.Run:
+              progress: Callable[[int, int], None] | None = None) -> Run:
     """Rewrite `model`'s main graph in place with the enabled rules (default: those on by default), to a
     fixed point; `progress(i, n)` is called for every edit written."""
-    return R.run(Adapter(model, progress), R.enabled() if rules is None else frozenset(rules))
+    return run(Adapter(model, progress), enabled() if rules is None else frozenset(rules))
 
 
 class Emitter:
     """`patterns.plan.Emitter`: the nodes of one term (`start` names the value it replaces, whose name,
-    type and floating-point dtype they take), with unique names for everything created."""
+    type and floating-point dtype they take), with unique names for everything created.  Their shapes are
+    the target's with their channel count, or the source's when the term regroups leading dims at the end."""
 
     def __init__(self, view: OnnxView, value_of: Callable):
         self.view, self.graph, self.value_of = view, view.graph, value_of
         self.taken = {v.name for n in ir.traversal.RecursiveGraphIterator(self.graph) for v in n.outputs if v.name}
         self.taken |= set(self.graph.initializers) | {v.name for v in self.graph.inputs if v.name}
 
-    def start(self, target: ir.Value) -> None:
+    def start(self, target: ir.Value, term) -> None:
         self.target, self.nodes, self.stem = target, [], target.producer().name or target.name or "repfuse"
+        self.source = _source(term)
+        self.shaped = self.source if any(isinstance(t, Reshape) for t in terms(term)) else target
         floating = target.dtype is not None and target.dtype.is_floating_point()
         self.dtype = target.dtype.numpy() if floating else np.float32
 
@@ -66,7 +69,7 @@ class Emitter:
         out = node.outputs[0]
         out.name, out.type = self.name(op.lower()), self.target.type
         out.shape = ir.Shape(shape) if shape is not None else \
-            None if channels is None else _resized(self.target, self.view.layout(self.target), channels)
+            None if channels is None else _resized(self.shaped, self.view.layout(self.shaped), channels)
         return out
 
     # -- the vocabulary
@@ -94,6 +97,11 @@ class Emitter:
 
     def relu(self, x: ir.Value) -> ir.Value:
         return self.node("Relu", [x], shape=x.shape)
+
+    def reshape(self, x: ir.Value, like: ir.Value) -> ir.Value:
+        """x (the fused op on the source: the source's leading dims) reshaped to like's shape."""
+        sizes = _target_shape(like, self.source)
+        return x if not sizes else self.node("Reshape", [x, self.ints("shape", sizes)], shape=like.shape)
 
     def batched_conv(self, x: ir.Value, term: BatchedConv) -> ir.Value:
         """A static batch N runs as groups: conv([1, N*C, ...], [N*O, I/g, *k], group=N*g); ONNX's group is an
@@ -152,6 +160,31 @@ def _geometry(op: AffineConv) -> dict:
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 
 
+def _source(term) -> ir.Value | None:
+    *_, innermost = terms(term)
+    return innermost if isinstance(innermost, ir.Value) else None
+
+
+def _target_shape(like: ir.Value, source: ir.Value | None) -> list[int] | None:
+    """Reshape sizes that give a value with the source's leading dims like's shape: a size, 0 (the source's
+    dim there) or -1 (once); [] when the leading dims agree already; None when ONNX's Reshape cannot say it."""
+    if like.shape is None or source is None or source.shape is None:
+        return None
+    lead = list(source.shape)[:-1]
+    if len(like.shape) == len(lead) + 1 and all(map(_same_dim, like.shape, lead)):
+        return []
+    sizes = [d if isinstance(d, int) else 0 if i < len(lead) and _same_dim(d, lead[i]) else -1
+             for i, d in enumerate(like.shape)]
+    return sizes if sizes.count(-1) <= 1 else None
+
+
+def _same_dim(a, b) -> bool:
+    """Provably equal dims: equal sizes, or one named symbol."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return getattr(a, "value", None) is not None and a.value == getattr(b, "value", None)
+
+
 def _resized(value: ir.Value, layout, channels: int) -> ir.Shape | None:
     """`value`'s shape with `channels` on the channel axis `layout` names (the view's layout of the value
     planned: a value written since is not in the view)."""
@@ -173,6 +206,8 @@ class Adapter:
 
     def cannot_write(self, view: OnnxView, edit: Replace) -> str | None:
         for term in terms(edit.term):
+            if isinstance(term, Reshape) and _target_shape(term.like, _source(edit.term)) is None:
+                return "the region's output shape has dynamic dims its input does not give"
             if isinstance(term, BatchedConv):
                 if term.input.shape is None or len(term.input.shape) != term.static.rank + 2:
                     return "input rank unknown"
@@ -190,7 +225,7 @@ class Adapter:
                 value.shape = _resized(value, view.layout(edit.value), edit.channels)
                 continue
             old = edit.value
-            out.start(old)
+            out.start(old, edit.term)
             new = emit(out, edit.term, out.value_of)
             for node in out.nodes:
                 graph.insert_before(old.producer(), node)

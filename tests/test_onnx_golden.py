@@ -189,6 +189,37 @@ CASES = {
           l = MatMul (x, w)
           y = Add (l, b)
         }"""),
+    # affine: Linear -> flatten -> BatchNorm1d -> unflatten -> Linear on tokens is one linear (Regroup)
+    "tokens_regroup": ("affine", (2, 5, 6), f"""
+        g (float[B,5,6] x, float[6,4] w1, float[4] b1, {BN.format('bn')}, float[4,3] w2, float[4] c, float[3] b2)
+          => (float[B,5,3] y) <int64[2] flat = {{-1, 4}}, int64[3] tokens = {{-1, 5, 4}}> {{
+          l1 = MatMul (x, w1)
+          a1 = Add (l1, b1)
+          r1 = Reshape (a1, flat)
+          n = BatchNormalization (r1, bn_scale, bn_bias, bn_mean, bn_var)
+          r2 = Reshape (n, tokens)
+          m = Mul (r2, c)
+          l2 = MatMul (m, w2)
+          y = Add (l2, b2)
+        }}""", """
+        g (float[B,5,6] x, float[6,3] w, float[3] b) => (float[B,5,3] y) {
+          l = MatMul (x, w)
+          y = Add (l, b)
+        }"""),
+    # ... and when the region ends flattened, the fused linear's output is reshaped like its root
+    "tokens_flattened": ("affine", (2, 5, 6), f"""
+        g (float[B,5,6] x, float[6,4] w1, float[4] b1, {BN.format('bn')}) => (float[M,4] y)
+        <int64[2] flat = {{-1, 4}}> {{
+          l1 = MatMul (x, w1)
+          a1 = Add (l1, b1)
+          r1 = Reshape (a1, flat)
+          y = BatchNormalization (r1, bn_scale, bn_bias, bn_mean, bn_var)
+        }}""", """
+        g (float[B,5,6] x, float[6,4] w, float[4] b) => (float[M,4] y) <int64[2] shape = {-1, 4}> {
+          l = MatMul (x, w)
+          a = Add (l, b)
+          y = Reshape (a, shape)
+        }"""),
     # dead_channels: output channel 1 of the first conv is all zeros: it goes from both convs
     "dead_channels": ("dead_channels", (2, 3, 8, 8), """
         g (float[N,3,8,8] x, float[8,3,3,3] w1, float[8] b1, float[6,8,1,1] w2, float[6] b2) => (float[N,6,8,8] y) {

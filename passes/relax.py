@@ -1,14 +1,11 @@
 """TVM Relax reader: one function's dataflow bindings as the planners' GraphView (keys are binding vars).
 
-Constants are `relax.Constant`s (module constants, or parameters bound with
-`relax.transform.BindParams`) and what numpy computes from them (`_FOLDS`).  Unbound
-function parameters are not constants: ops reading them are declined with a reason.
-Only dataflow blocks are read; a var that leaves its block is a boundary.  Ops are
-recognized through the `_READERS` table; `relax_write` writes the plans back.
-
-A conv or matmul whose only reader adds a per-channel constant is read as ONE Affine at
-the add (the conv is hidden from `values()`): that is how the writer writes an op, so no
-rule sees a written op as two, and the affine planner never rewrites it again.
+Constants are `relax.Constant`s (module constants, or parameters bound with `relax.transform.BindParams`)
+and what numpy computes from them (`_FOLDS`); ops reading unbound parameters are declined with a reason.
+Only dataflow blocks are read; a var that leaves its block is a boundary.  Ops are recognized through the
+`_READERS` table.  A conv or matmul whose only reader adds a per-channel constant is read as ONE Affine
+at the add (the conv hidden from `values()`): that is how `relax_write` writes an op, so no rule sees a
+written op as two and the affine planner never rewrites it again.
 """
 
 from __future__ import annotations
@@ -27,26 +24,24 @@ __all__ = ["RelaxView"]
 
 
 def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
 
 
 def _constant(expr) -> np.ndarray | None:
     """The array of a Relax constant node (tvm.ir.expr.Constant since TVM 0.27), else None."""
-    if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy"):
-        return expr.value.numpy()
-    return None
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy") else None
 
 
 def _type(var):
-    """A var's tensor type: `ty` since TVM 0.27 (`struct_info` before)."""
-    return getattr(var, "ty", None) or getattr(var, "struct_info", None)
+    return getattr(var, "ty", None) or getattr(var, "struct_info", None)  # `ty` since TVM 0.27
+
+
+def _dtype(var) -> str:
+    return str(getattr(_type(var), "dtype", ""))
 
 
 def _name(var) -> str:
-    """A var's name: `name` since TVM 0.27 (`name_hint` before)."""
-    return str(getattr(var, "name", None) or getattr(var, "name_hint", var))
+    return str(getattr(var, "name", None) or getattr(var, "name_hint", var))  # `name` since TVM 0.27
 
 
 def _static(dim) -> int | None:
@@ -61,14 +56,6 @@ def _dims(var) -> list | None:
     return None if values is None else [d if _static(d) is None else _static(d) for d in values]
 
 
-def _prim(arg) -> int | None:
-    """An integer argument, given as an IntImm or a PrimValue wrapping one."""
-    if type(arg).__name__ == "IntImm":
-        return int(arg)
-    value = getattr(arg, "value", None)
-    return _static(value) if value is not None else None
-
-
 def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
@@ -81,6 +68,12 @@ def _scalar(arg) -> float | None:
     return _scalar(value) if value is not None and not isinstance(value, (int, float)) else None
 
 
+def _prim(arg) -> int | None:
+    """An integer argument, given as an IntImm or a PrimValue wrapping one."""
+    value = _scalar(arg)
+    return None if value is None or value != int(value) else int(value)
+
+
 def _same_dim(a, b) -> bool:
     """Two shape entries that are provably equal (equal ints, or symbolic expressions equal for every value)."""
     sa, sb = _static(a), _static(b)
@@ -88,40 +81,29 @@ def _same_dim(a, b) -> bool:
         return sa == sb
     if a.same_as(b):
         return True
-    analyzer = getattr(getattr(tvm, "sym", None), "Analyzer", None) or getattr(getattr(tvm, "arith", None),
-                                                                            "Analyzer", None)
     try:  # tvm.sym since TVM 0.27 (tvm.arith before)
-        return analyzer is not None and bool(analyzer().can_prove_equal(a, b))
+        return bool((getattr(tvm, "sym", None) or tvm.arith).Analyzer().can_prove_equal(a, b))
     except Exception:  # noqa: BLE001 - unprovable is "not the same"
         return False
 
 
 def _same_shape(a, b) -> bool:
     """Two vars' tensor types with provably equal shapes and equal dtypes."""
-    ta, tb = _type(a), _type(b)
-    if not all(isinstance(t, relax.TensorType) and hasattr(getattr(t, "shape", None), "values") for t in (ta, tb)):
-        return False
-    da, db = list(ta.shape.values), list(tb.shape.values)
-    return str(ta.dtype) == str(tb.dtype) and len(da) == len(db) and all(map(_same_dim, da, db))
+    da, db = _dims(a), _dims(b)
+    return None not in (da, db) and _dtype(a) == _dtype(b) and len(da) == len(db) and all(map(_same_dim, da, db))
 
 
 def _direct_args(expr) -> list:
-    """The expressions a binding reads directly: a call's arguments (and the items of a tuple argument),
-    a tuple's fields, a tuple item's tuple."""
-    if isinstance(expr, relax.Call):
-        return [f for a in expr.args for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
-    if isinstance(expr, relax.Tuple):
-        return list(expr.fields)
-    if isinstance(expr, relax.TupleGetItem):
-        return [expr.tuple_value]
-    return [expr]
+    """What a binding reads directly: a call's arguments (and a tuple argument's items), a tuple's fields,
+    a tuple item's tuple."""
+    items = expr.args if isinstance(expr, relax.Call) else getattr(expr, "fields", [getattr(expr, "tuple_value", expr)])
+    return [f for a in items for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
 
 
 class RelaxView:
     """The planners' view of one Relax function."""
 
     def __init__(self, func: relax.Function):
-        self.func = func
         self.bound: dict[relax.Var, relax.Expr] = {}
         self._values: list[relax.Var] = []
         self._users: dict[relax.Var, list] = {}  # var -> the vars of bindings reading it (None: the body)
@@ -170,11 +152,11 @@ class RelaxView:
         return self._users.get(var, [])
 
     def layout(self, var) -> Layout | None:
-        shape, dtype = self._shape(var)
-        if shape is None or len(shape) < 2 or not dtype.startswith(("float", "bfloat")):
+        dims = _dims(var)
+        if dims is None or len(dims) < 2 or not _dtype(var).startswith(("float", "bfloat")):
             return None
-        axis = len(shape) - 1 if var in self._last else 1
-        return None if shape[axis] is None else Layout(shape[axis], len(shape) - 1 - axis)
+        axis = len(dims) - 1 if var in self._last else 1
+        return Layout(dims[axis], len(dims) - 1 - axis) if isinstance(dims[axis], int) else None
 
     def foldable(self, var) -> bool:
         """A dataflow var computing (with numpy, `_FOLDS`) a constant of its declared static shape; a layout
@@ -182,8 +164,8 @@ class RelaxView:
         if not isinstance(var, relax.DataflowVar) or not isinstance(self.bound.get(var), relax.Call) \
                 or self._layout_of_constant(var):
             return False
-        value, (shape, _) = self.const(var), self._shape(var)
-        return value is not None and shape is not None and list(value.shape) == shape
+        value, dims = self.const(var), _dims(var)
+        return value is not None and dims is not None and list(value.shape) == [_static(d) for d in dims]
 
     def label(self, var) -> str:
         return _name(var)
@@ -200,10 +182,9 @@ class RelaxView:
                 self._described[var] = self._describe(var)
             except Declined as e:
                 self._described[var] = e
-        d = self._described[var]
-        if isinstance(d, Declined):
-            raise Declined(str(d))
-        return d
+        if isinstance(self._described[var], Declined):
+            raise Declined(str(self._described[var]))
+        return self._described[var]
 
     # -- reading
     def _describe(self, var):
@@ -249,23 +230,14 @@ class RelaxView:
                 links += [(a, var) for a in args if self.const(a) is None]
             elif name in _CHANNELS_FIRST or isinstance(expr, relax.TupleGetItem):
                 first.update(args + [var])
-        for _ in range(len(links)):  # forward and backward along the chains until nothing changes
+        grown = True
+        while grown:  # forward and backward along the chains; `last` only grows
             grown = False
             for a, b in links + links[::-1]:
                 if (a in last) != (b in last) and not {a, b} & first:
                     last.update((a, b))
                     grown = True
-            if not grown:
-                break
-        return {v for v in last - first if len(self._shape(v)[0] or ()) >= 3}
-
-    @staticmethod
-    def _shape(var) -> tuple[list | None, str]:
-        ty = _type(var)
-        if not isinstance(ty, relax.TensorType) or ty.shape is None:
-            return None, ""
-        dims = getattr(ty.shape, "values", None)
-        return (None if dims is None else [_static(d) for d in dims]), str(ty.dtype)
+        return {v for v in last - first if len(_dims(v) or ()) >= 3}
 
     def const(self, expr) -> np.ndarray | None:
         """The constant an expression holds (a Constant, or what `_FOLDS` compute from constants)."""
@@ -290,9 +262,10 @@ class RelaxView:
             return None
 
     def _fold_arg(self, arg):
-        """A fold's argument: arrays for tensors, ShapeExpr as is, tuples of integers as int lists."""
+        """A fold's argument: arrays for tensors, static shapes and tuples of integers as int lists."""
         if isinstance(arg, relax.ShapeExpr):
-            return arg
+            dims = [_static(d) for d in arg.values]
+            return None if None in dims else dims
         if isinstance(arg, relax.Tuple):
             ints = [_prim(f) for f in arg.fields]
             if all(i is not None for i in ints):
@@ -326,8 +299,8 @@ class RelaxView:
         return layout
 
     def _channel_axis(self, var, axis) -> bool:
-        shape, _ = self._shape(var)
-        return shape is not None and int(axis) % len(shape) == len(shape) - 1 - self._layout(var).rank
+        rank, ndim = self._layout(var).rank, len(_dims(var))
+        return int(axis) % ndim == ndim - 1 - rank
 
     # -- readers (the _READERS table): var, its bound expression -> a description, None, or Declined
     def _conv(self, var, call):
@@ -376,7 +349,7 @@ class RelaxView:
             return None
         x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
         x = self._input(x)
-        layout, ndim = self._layout(x), len(self._shape(x)[0])
+        layout, ndim = self._layout(x), len(_dims(x))
         c = np.asarray(c)
         if c.size > 1 and c.ndim <= ndim:  # the channel axis to where channel_vector looks for it (axis 1)
             c = np.moveaxis(c.reshape((1,) * (ndim - c.ndim) + c.shape), ndim - 1 - layout.rank, 1)
@@ -385,17 +358,11 @@ class RelaxView:
 
     def _scaled(self, var, a, b):
         """x * s with s a per-sample scalar [N, 1, ...] computed from data (a dynamic conv's attention)."""
-        if not isinstance(a, relax.Var) or not isinstance(b, relax.Var):
-            return None
-        out = _dims(var)
         for x, s in ((a, b), (b, a)):
             xs, ss = _dims(x), _dims(s)
-            if None in (xs, ss, out) or len(xs) != len(ss) or len(xs) < 2 or len(out) != len(xs) \
-                    or str(_type(x).dtype) != str(_type(s).dtype):
-                continue
-            if not all(_same_dim(p, q) for p, q in zip(xs, out)):
-                continue  # s must not broadcast x
-            if _same_dim(ss[0], xs[0]) and all(_static(d) == 1 for d in ss[1:]) and self.layout(x):
+            if isinstance(x, relax.Var) and isinstance(s, relax.Var) and _same_shape(x, var) and self.layout(x) \
+                    and len(ss or ()) == len(xs) and _dtype(s) == _dtype(x) and _same_dim(ss[0], xs[0]) \
+                    and all(_static(d) == 1 for d in ss[1:]):  # x's shape is the product's: s broadcasts, x not
                 return Scaled(x, s)
         return None
 
@@ -415,7 +382,7 @@ class RelaxView:
         if w is None or w.ndim != 2:
             return None  # a product of two tensors (attention) is not affine
         x = self._input(x)
-        if len(self._shape(x)[0] or ()) < 2:
+        if len(_dims(x) or ()) < 2:
             raise Declined("matmul input is not [..., C]")
         return Affine(x, A.linear(w.T))  # x @ W == linear(x, W.T), over the last axis
 
@@ -429,7 +396,7 @@ class RelaxView:
         pad = _ints(a.padding)
         return Affine(x, A.avg_pool(self._layout(x).channels, 2, _ints(a.pool_size), _ints(a.strides),
                                     ((pad[0], pad[2]), (pad[1], pad[3])), count_include_pad=bool(a.count_include_pad),
-                                    ceil_mode=bool(a.ceil_mode), input_size=self._shape(x)[0][2:]))
+                                    ceil_mode=bool(a.ceil_mode), input_size=_dims(x)[2:]))
 
     def _pad_geometry(self, call) -> tuple[relax.Var, A.Pads, float]:
         a = call.attrs
@@ -442,16 +409,9 @@ class RelaxView:
             raise Declined("padding touches batch or channel dims")
         if any(p < 0 for p in width):
             raise Declined("negative padding crops the input")
-        pads = tuple((width[2 * d], width[2 * d + 1]) for d in range(2, rank + 2))
-        value = 0.0
-        if len(call.args) > 1:
-            pv = self.const(call.args[1])
-            if pv is None:
-                raise Declined("pad value is not a constant")
-            value = float(pv.reshape(()))
-        elif hasattr(a, "pad_value"):
-            value = float(a.pad_value)
-        return x, pads, value
+        if len(call.args) > 1:  # TVM 0.27 keeps the value in the attributes
+            raise Declined("pad value given as a tensor")
+        return x, tuple((width[2 * d], width[2 * d + 1]) for d in range(2, rank + 2)), float(a.pad_value)
 
     def _pad(self, var, call):
         if any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(var, [])):
@@ -473,8 +433,8 @@ class RelaxView:
         if _op_name(self.bound.get(data)) != "relax.nn.pad" or not self.single_consumer(data):
             return None
         x, pads, _ = self._pad_geometry(self.bound[data])
-        shape, dtype = self._shape(data)
-        if shape is None or None in shape:
+        shape = _dims(data)
+        if not all(isinstance(d, int) for d in shape or [None]):
             raise Declined("border writes on a tensor of dynamic size")
         filled = np.full(shape, np.nan)
         for _, write in reversed(chain):  # earliest first
@@ -487,33 +447,23 @@ class RelaxView:
             filled[tuple(index)] = src
         fill = border_fill(filled, pads)
         self.attached[var] = [data] + [v for v, _ in chain[1:]]
-        return PadWith(x, pads, fill, precision(np.finfo(dtype).eps))
+        return PadWith(x, pads, fill, precision(np.finfo(_dtype(data)).eps))
 
     def _concat(self, var, call):
-        tup = call.args[0]
-        if not isinstance(tup, relax.Tuple) or call.attrs.axis is None or self.layout(var) is None \
+        tup, layout = call.args[0], self.layout(var)
+        if not isinstance(tup, relax.Tuple) or call.attrs.axis is None or layout is None \
                 or not self._channel_axis(var, call.attrs.axis):
             return None
-        items = list(tup.fields)
-        if not all(isinstance(v, relax.Var) and self.const(v) is None and self.layout(v) is not None
-                   and self.layout(v).rank == self.layout(var).rank for v in items):
-            return None
-        return Concat(tuple(items))
-
-
-def _shape_of(shape_expr) -> list[int]:
-    dims = [_static(d) for d in shape_expr.values]
-    if None in dims:
-        raise ValueError("symbolic shape")
-    return dims
+        items = tuple(tup.fields)
+        parts = [self.layout(v) if isinstance(v, relax.Var) and self.const(v) is None else None for v in items]
+        return Concat(items) if all(p is not None and p.rank == layout.rank for p in parts) else None
 
 
 def _strided_slice(e, a, axes, begin, end, strides=None):
-    strides = strides or [1] * len(axes)
-    if any(st <= 0 for st in strides):
-        raise ValueError("negative strides: clamping rules differ from numpy's")
     index = [slice(None)] * a.ndim
-    for ax, b, en, st in zip(axes, begin, end, strides):
+    for ax, b, en, st in zip(axes, begin, end, strides or [1] * len(axes)):
+        if st <= 0:
+            raise ValueError("negative strides: clamping rules differ from numpy's")
         index[ax] = slice(b, en, st)
     return a[tuple(index)]
 
@@ -533,8 +483,8 @@ _FOLDS = {
     "relax.divide": lambda e, a, b: a / b,
     "relax.sqrt": lambda e, a: np.sqrt(a),
     "relax.negative": lambda e, a: -a,
-    "relax.reshape": lambda e, a, s: a.reshape(_shape_of(s)),
-    "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, _shape_of(s)),
+    "relax.reshape": lambda e, a, s: a.reshape(s),
+    "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, s),
     "relax.permute_dims": lambda e, a: np.transpose(a, None if e.attrs.axes is None else _ints(e.attrs.axes)),
     "relax.astype": lambda e, a: a.astype(str(e.attrs.dtype)),
     "relax.strided_slice": _strided_slice,  # one-shot NAS weight slicing

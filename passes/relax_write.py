@@ -1,17 +1,11 @@
-"""TVM Relax writer and entry: the plans of `repfuse.patterns.rules` written back as Relax bindings.
+"""TVM Relax writer and entry (`run_rules`): the plans of `repfuse.patterns.rules` written back as bindings.
 
-`run_rules` drives every enabled rule through `_Adapter` (`patterns.rules.run`).  Each write is
-one walk of the function by `_Writer`, an expression mutator that is also the `patterns.plan`
-Emitter: at a var an edit replaces it binds what `plan.emit` builds (helper calls bound with
-the block builder, the last one bound to the var's place), a var folded to a constant becomes
-that constant at every use, and the bindings the edits erase go.  `remove_all_unused` then drops
-what nothing reads any more.  A value that lost channels (`Resize`) needs nothing: re-emitting
-a binding re-derives its type.
-
-Relax's peculiarities live here: conv2d / conv1d + bias add, matmul with W.T + bias add,
-multiply / add by per-channel constants, and per-sample kernels laid out as the groups of one
-conv over a static batch.  What Relax cannot express is a `cannot_write` reason, given before
-anything is written.
+Each write is one walk by `_Writer`, an expression mutator that is also Relax's `patterns.plan` Emitter: a
+replaced var is bound to what `plan.emit` builds (helpers bound with the block builder), a var folded to
+a constant becomes it at every use, erased bindings go, and `remove_all_unused` drops what nothing reads.
+A value that lost channels (`Resize`) needs nothing: re-emitting a binding re-derives its type.  What
+Relax cannot express (conv rank, per-sample kernels over a symbolic batch) is a `cannot_write` reason,
+given before anything is written.
 """
 
 from __future__ import annotations
@@ -22,11 +16,9 @@ from tvm import relax
 
 from ..patterns import rules as R
 from ..patterns.plan import Apply, BatchedConv, Constant, Replace, emit, lower, terms
-from .relax import RelaxView, _dims, _name, _type
+from .relax import RelaxView, _dims, _dtype, _name
 
-__all__ = ["run_rules", "cannot_write"]
-
-UNBOUND = "ops read unbound parameters, left alone (bind them with relax.transform.BindParams)"
+__all__ = ["run_rules"]
 
 
 def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R.enabled(),
@@ -36,8 +28,9 @@ def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R
     run = R.run(adapter, rules, max_rounds)
     unbound = sum(d.rule == "affine" and "BindParams" in d.reason for d in run.declines.values())
     if unbound:  # RuleRow.add keeps a detail that changed nothing ("0 ops"): this one says why
-        row = run.rules["affine"]
-        row.detail = f"{row.detail}; {unbound} {UNBOUND}" if row.applied else f"{unbound} {UNBOUND}"
+        row, text = run.rules["affine"], f"{unbound} ops read unbound parameters, left alone (bind them with " \
+                                         f"relax.transform.BindParams)"
+        row.detail = f"{row.detail}; {text}" if row.applied else text
     return (adapter.func if adapter.written else func), run
 
 
@@ -49,21 +42,16 @@ class _Adapter:
         return RelaxView(self.func)
 
     def cannot_write(self, view: RelaxView, edit: Replace) -> str | None:
-        return cannot_write(view, edit)
+        for term in terms(edit.term):
+            if isinstance(term, Apply) and lower(term.op)[0][0] == "conv" and term.op.rank not in (1, 2):
+                return "only 1-D and 2-D convolutions are emitted for Relax"
+            if isinstance(term, BatchedConv):
+                return _batched_reason(term, edit.value)
+        return None
 
     def write(self, view: RelaxView, rule: str, edits: list) -> None:
         self.func = relax.analysis.remove_all_unused(_Writer(self.mod, view, edits).visit_expr(self.func))
         self.written = True
-
-
-def cannot_write(view: RelaxView, edit: Replace) -> str | None:
-    """Why Relax cannot express the edit, or None."""
-    for term in terms(edit.term):
-        if isinstance(term, Apply) and lower(term.op)[0][0] == "conv" and term.op.rank not in (1, 2):
-            return "only 1-D and 2-D convolutions are emitted for Relax"
-        if isinstance(term, BatchedConv):
-            return _batched_reason(term, edit.value)
-    return None
 
 
 def _batched_reason(term: BatchedConv, root) -> str | None:
@@ -131,7 +119,7 @@ class _Writer(relax.PyExprMutator):
         return self.builder_.emit(x) if isinstance(x, relax.Call) else x
 
     def _const(self, a: np.ndarray) -> relax.Expr:
-        dtype = str(_type(self.target).dtype)
+        dtype = _dtype(self.target)
         return relax.const(np.ascontiguousarray(np.asarray(a).astype(dtype)), dtype)
 
     def _vector(self, v: np.ndarray, rank: int) -> relax.Expr:

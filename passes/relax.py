@@ -5,7 +5,9 @@ and what numpy computes from them (`_FOLDS`); ops reading unbound parameters are
 Only dataflow blocks are read; a var that leaves its block is a boundary.  Ops are recognized through the
 `_READERS` table.  A conv or matmul whose only reader adds a per-channel constant is read as ONE Affine
 at the add (the conv hidden from `values()`): that is how `relax_write` writes an op, so no rule sees a
-written op as two and the affine planner never rewrites it again.
+written op as two and the affine planner never rewrites it again.  Reshapes are not read as `Regroup`: TVM's
+frontend writes every N-D linear as reshape, matmul, reshape, which a region of that one linear would
+write again as it was, round after round.
 """
 
 from __future__ import annotations
@@ -189,8 +191,8 @@ class RelaxView:
     # -- reading
     def _describe(self, var):
         expr = self.bound.get(var)
-        if expr is None or self.const(var) is not None:  # a function parameter, or a constant
-            return None
+        if expr is None or self.const(var) is not None or not _dtype(var).startswith(("float", "bfloat")):
+            return None  # a function parameter, a constant, or not a tensor of numbers (index arithmetic)
         read = RelaxView._batch_norm if isinstance(expr, relax.TupleGetItem) else _READERS.get(_op_name(expr))
         d = None if read is None else read(self, var, expr)
         if isinstance(d, Affine):  # what the op does must be what the tensors' layouts say
@@ -272,7 +274,7 @@ class RelaxView:
                 return ints
             items = [self.const(f) for f in arg.fields]
             return None if any(i is None for i in items) else items
-        return self.const(arg)
+        return self.const(arg) if _scalar(arg) is None else _scalar(arg)
 
     def _layout_of_constant(self, expr) -> bool:
         """A layout op over a Constant (or over such ops): folding it computes nothing."""
@@ -386,6 +388,26 @@ class RelaxView:
             raise Declined("matmul input is not [..., C]")
         return Affine(x, A.linear(w.T))  # x @ W == linear(x, W.T), over the last axis
 
+    def _gather(self, var, call):
+        """Rows taken at constant indices along a spatial axis: how TVM's torch frontend writes reflect,
+        replicate and circular padding, none of them zeros (other gathers are not affine ops here)."""
+        x, rows = self._input(call.args[0]), self.const(call.args[1])
+        layout, dims = self._layout(x), _dims(x)
+        axis = -1 if call.attrs.axis is None else int(call.attrs.axis) % len(dims)
+        n = dims[axis]
+        if rows is None or rows.ndim != 1 or axis < len(dims) - layout.rank or not isinstance(n, int):
+            return None
+        b = next((b for b in range(len(rows) - n + 1) if np.array_equal(rows[b:b + n], np.arange(n))), None)
+        a = None if b is None else len(rows) - n - b
+        if not a and not b:
+            return None
+        for mode, (before, after) in {"reflect": (np.arange(b, 0, -1), np.arange(n - 2, n - 2 - a, -1)),
+                                      "replicate": (np.zeros(b), np.full(a, n - 1)),
+                                      "circular": (np.arange(n - b, n), np.arange(a))}.items():
+            if np.array_equal(rows[:b], before) and np.array_equal(rows[b + n:], after):
+                raise Declined(f"{mode} padding")
+        return None
+
     def _avg_pool(self, var, call):
         a = call.attrs
         if str(a.layout) != "NCHW" or str(a.out_layout) not in ("", "NCHW"):
@@ -482,6 +504,8 @@ _FOLDS = {
     "relax.multiply": lambda e, a, b: a * b,
     "relax.divide": lambda e, a, b: a / b,
     "relax.sqrt": lambda e, a: np.sqrt(a),
+    "relax.abs": lambda e, a: np.abs(a),
+    "relax.arange": lambda e, start, end, step: np.arange(start, end, step).astype(str(e.attrs.dtype)),
     "relax.negative": lambda e, a: -a,
     "relax.reshape": lambda e, a, s: a.reshape(s),
     "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, s),
@@ -513,6 +537,7 @@ _READERS = {
     "relax.nn.conv1d": RelaxView._conv,
     **{name: RelaxView._binary for name in _ELEMENTWISE},
     "relax.matmul": RelaxView._matmul,
+    "relax.take": RelaxView._gather,
     "relax.nn.avg_pool2d": RelaxView._avg_pool,
     "relax.nn.pad": RelaxView._pad,
     "relax.concat": RelaxView._concat,

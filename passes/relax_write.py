@@ -15,8 +15,8 @@ import tvm
 from tvm import relax
 
 from ..patterns import rules as R
-from ..patterns.plan import Apply, BatchedConv, Constant, Replace, emit, lower, terms
-from .relax import RelaxView, _dims, _dtype, _name
+from ..patterns.plan import Apply, BatchedConv, Constant, Replace, Reshape, emit, lower, terms
+from .relax import RelaxView, _dims, _dtype, _name, _same_dim
 
 __all__ = ["run_rules"]
 
@@ -47,6 +47,8 @@ class _Adapter:
                 return "only 1-D and 2-D convolutions are emitted for Relax"
             if isinstance(term, BatchedConv):
                 return _batched_reason(term, edit.value)
+            if isinstance(term, Reshape) and _dims(term.like) is None:
+                return "the reshaped value's shape is unknown"
         return None
 
     def write(self, view: RelaxView, rule: str, edits: list) -> None:
@@ -145,6 +147,13 @@ class _Writer(relax.PyExprMutator):
 
     def relu(self, x) -> relax.Expr:
         return relax.op.nn.relu(self._let(x))
+
+    def reshape(self, x, like) -> relax.Expr:
+        """x (the fused op on the source, the source's leading dims) regrouped to like's shape."""
+        x, want = self.builder_.normalize(x), _dims(like)  # normalize: x's type without binding it
+        have = _dims(x)
+        return x if len(have) == len(want) and all(map(_same_dim, have, want)) else \
+            relax.op.reshape(self._let(x), want)
 
     def batched_conv(self, x, term: BatchedConv) -> relax.Expr:
         """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g); the

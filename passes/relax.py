@@ -391,11 +391,13 @@ class RelaxView:
     def _gather(self, var, call):
         """Rows taken at constant indices along a spatial axis: how TVM's torch frontend writes reflect,
         replicate and circular padding, none of them zeros (other gathers are not affine ops here)."""
-        x, rows = self._input(call.args[0]), self.const(call.args[1])
-        layout, dims = self._layout(x), _dims(x)
-        axis = -1 if call.attrs.axis is None else int(call.attrs.axis) % len(dims)
+        x, rows = call.args[0], self.const(call.args[1])
+        layout, dims = self.layout(x), _dims(x)
+        if rows is None or rows.ndim != 1 or layout is None or self.const(x) is not None or call.attrs.axis is None:
+            return None  # an embedding lookup (constant table, data indices) is not padding either
+        axis = int(call.attrs.axis) % len(dims)
         n = dims[axis]
-        if rows is None or rows.ndim != 1 or axis < len(dims) - layout.rank or not isinstance(n, int):
+        if axis < len(dims) - layout.rank or not isinstance(n, int):
             return None
         b = next((b for b in range(len(rows) - n + 1) if np.array_equal(rows[b:b + n], np.arange(n))), None)
         a = None if b is None else len(rows) - n - b

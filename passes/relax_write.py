@@ -35,6 +35,8 @@ def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R
 
 
 class _Adapter:
+    """One function's side of patterns.rules.run: a fresh RelaxView per rule, one walk per write."""
+
     def __init__(self, mod: tvm.IRModule, func: relax.Function):
         self.mod, self.func, self.written = mod, func, False
 

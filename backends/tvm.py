@@ -6,6 +6,8 @@
     mod = RepFuse(disable=["dead_channels"])(mod) # rules by name (repfuse.patterns.rules)
     seq = repfuse.backends.tvm.pipeline("zero")   # repfuse in front of another pipeline
     mod, rows = repfuse.backends.tvm.fuse_module(mod)  # the fused module and one RuleRow per rule
+    fuse = RepFuse(explain=True); mod = fuse(mod)  # logs what fused and why the rest was left alone;
+    fuse.last_report, fuse.last_declines           # the rows, and every Decline(rule, node, reason)
 
 A registered pipeline replaces the whole build pipeline, so "repfuse" runs
 RepFuse and then exactly what relax_pipeline="default" would run for the
@@ -15,15 +17,22 @@ relax.transform.BindParams): unbound parameters are left alone.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
+import numpy as np
+
 try:
     import tvm
     from tvm import relax
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"repfuse's TVM path needs apache-tvm: pip install 'repfuse[tvm]' ({e})") from None
 
-from ..passes import relax_rewrites
-from ..passes.report import RuleRow
+from ..passes import relax_write
+from ..passes.relax import _dims
+from ..passes.report import FusionReport, GraphStats, RuleRow
 from ..patterns import rules
+from ..patterns.plan import Decline
 
 __all__ = ["RepFuse", "fuse_module", "pipeline", "PIPELINE_NAME"]
 
@@ -58,20 +67,26 @@ class _RepFuse:
     Parameters must be bound (relax.transform.BindParams); ops reading unbound ones are left alone,
     and the "affine" report row says so.
 
-    After a call, `last_report` holds one RuleRow per rule (summed over the functions),
-    `last_runs` the per-function runs and `last_plans` the affine plans."""
+    After a call, `last_report` holds one RuleRow per rule (summed over the functions) and
+    `last_declines` every patterns.plan.Decline (rule, node, reason); with `explain=True` the pass
+    also logs the fusion report with the declines grouped by rule and reason (logger "repfuse")."""
 
-    def __init__(self, disable=(), enable=()):
+    def __init__(self, disable=(), enable=(), explain=False):
         self.disable, self.enable = _names(disable, "disable"), _names(enable, "enable")
         self.rules = rules.enabled(self.disable, self.enable)  # unknown names fail here
-        self.last_plans: dict[str, object] = {}
-        self.last_runs: dict[str, object] = {}
+        self.explain = bool(explain)
         self.last_report: list[RuleRow] = []
+        self.last_declines: list[Decline] = []
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mod, self.last_report = fuse_module(mod, self.disable, self.enable, runs=self.last_runs)
-        self.last_plans = {name: run.plans[-1] for name, run in self.last_runs.items() if run.plans}
-        return mod
+        runs: dict = {}
+        fused, self.last_report = fuse_module(mod, self.disable, self.enable, runs=runs)
+        self.last_declines = [d for run in runs.values() for d in run.declines.values()]
+        if self.explain:
+            regions = [r for run in runs.values() for r in run.regions]
+            report = FusionReport(_stats(mod), _stats(fused), regions, self.last_declines, rules=self.last_report)
+            logging.getLogger("repfuse").warning("repfuse (TVM Relax):\n%s", report.table(explain=True))
+        return fused
 
 
 class RepFuse(tvm.transform.module_pass(opt_level=0, name="RepFuse")(_RepFuse)):
@@ -85,7 +100,7 @@ class RepFuse(tvm.transform.module_pass(opt_level=0, name="RepFuse")(_RepFuse)):
 def fuse_module(mod: tvm.IRModule, disable=(), enable=(), *,
                 runs: dict | None = None) -> tuple[tvm.IRModule, list[RuleRow]]:
     """(the fused module, one RuleRow per rule, in patterns.rules order); the same module object when
-    nothing applied.  `runs`, when given, receives each function's RelaxRun by name."""
+    nothing applied.  `runs`, when given, receives each function's patterns.rules.Run by name."""
     _check_module(mod)
     enabled = rules.enabled(_names(disable, "disable"), _names(enable, "enable"))
     runs = {} if runs is None else runs
@@ -94,7 +109,7 @@ def fuse_module(mod: tvm.IRModule, disable=(), enable=(), *,
     for gvar, func in mod.functions_items():
         if not isinstance(func, relax.Function):
             continue
-        new_func, run = relax_rewrites.run_rules(mod, func, enabled)
+        new_func, run = relax_write.run_rules(mod, func, enabled)
         runs[gvar.name_hint] = run
         if new_func is not func:
             updates[gvar] = new_func
@@ -110,6 +125,31 @@ def fuse_module(mod: tvm.IRModule, disable=(), enable=(), *,
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod, rows
+
+
+def _stats(mod: tvm.IRModule) -> GraphStats:
+    """Op counts of the module's Relax functions, for the explain report; MACs of the convs and matmuls
+    whose shapes are static."""
+    stats = GraphStats(Counter())
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            name = e.op.name.split(".", 1)[-1]
+            stats.ops[name] += 1
+            if name in ("nn.conv1d", "nn.conv2d", "matmul"):
+                stats.convs += 1
+                out, weight = _dims(e), _dims(e.args[1])
+                if out and weight and all(isinstance(d, int) for d in out[1:] + weight):
+                    # conv: [N, O, *S] from [O, I/g, *k]; matmul: [..., O] from [I, O]
+                    per_out = np.prod(weight[1:]) if name != "matmul" else weight[0]
+                    stats.macs += int(np.prod(out[1:]) * per_out)
+        elif isinstance(e, tvm.ir.expr.Constant) and hasattr(e.value, "numpy"):
+            stats.params += int(np.prod(e.value.shape))
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return stats
 
 
 def _inner_for(target) -> tvm.transform.Pass:

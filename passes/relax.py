@@ -1,10 +1,13 @@
-"""TVM Relax adapter: read dataflow bindings into the algebra, emit R.nn.conv2d + R.add back.
+"""TVM Relax reader: one function's dataflow bindings as the planners' GraphView (keys are binding vars).
 
-Constants are `relax.Constant`s (module constants, or parameters bound with
-`relax.transform.BindParams`) and permute_dims / reshape / astype of them.
-Unbound function parameters are not constants, so ops reading them are left
-alone.  Only dataflow blocks are rewritten; a var that leaves its block is a
-region boundary.
+Constants are `relax.Constant`s (module constants, or parameters bound with `relax.transform.BindParams`)
+and what numpy computes from them (`_FOLDS`); ops reading unbound parameters are declined with a reason.
+Only dataflow blocks are read; a var that leaves its block is a boundary.  Ops are recognized through the
+`_READERS` table.  A conv or matmul whose only reader adds a per-channel constant is read as ONE Affine
+at the add (the conv hidden from `values()`): that is how `relax_write` writes an op, so no rule sees a
+written op as two and the affine planner never rewrites it again.  Reshapes are not read as `Regroup`: TVM's
+frontend writes every N-D linear as reshape, matmul, reshape, which a region of that one linear would
+write again as it was, round after round.
 """
 
 from __future__ import annotations
@@ -17,40 +20,42 @@ from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, PadWith, Plan, Pointwise, Scaled, Sum, padded, plan, precision
+from ..patterns.planner import Affine, Concat, Layout, PadWith, Pointwise, Scaled, Sum, padded, precision
 
-__all__ = ["RelaxView", "fuse_function"]
+__all__ = ["RelaxView"]
 
 
 def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
 
 
 def _constant(expr) -> np.ndarray | None:
     """The array of a Relax constant node (tvm.ir.expr.Constant since TVM 0.27), else None."""
-    if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy"):
-        return expr.value.numpy()
-    return None
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy") else None
 
 
 def _type(var):
-    """A var's tensor type: `ty` since TVM 0.27 (`struct_info` before)."""
-    return getattr(var, "ty", None) or getattr(var, "struct_info", None)
+    return getattr(var, "ty", None) or getattr(var, "struct_info", None)  # `ty` since TVM 0.27
+
+
+def _dtype(var) -> str:
+    return str(getattr(_type(var), "dtype", ""))
+
+
+def _name(var) -> str:
+    return str(getattr(var, "name", None) or getattr(var, "name_hint", var))  # `name` since TVM 0.27
 
 
 def _static(dim) -> int | None:
     """A shape entry as int, or None when it is symbolic (IntImm moved modules across TVM versions)."""
-    return int(dim) if type(dim).__name__ == "IntImm" else None
+    return int(dim) if isinstance(dim, int) or type(dim).__name__ == "IntImm" else None
 
 
-def _prim(arg) -> int | None:
-    """An integer argument, given as an IntImm or a PrimValue wrapping one."""
-    if type(arg).__name__ == "IntImm":
-        return int(arg)
-    value = getattr(arg, "value", None)
-    return _static(value) if value is not None else None
+def _dims(var) -> list | None:
+    """A tensor var's shape: ints where static, the symbolic PrimExprs elsewhere; None when unknown."""
+    ty = _type(var)
+    values = getattr(getattr(ty, "shape", None), "values", None) if isinstance(ty, relax.TensorType) else None
+    return None if values is None else [d if _static(d) is None else _static(d) for d in values]
 
 
 def _ints(values) -> list[int]:
@@ -65,6 +70,12 @@ def _scalar(arg) -> float | None:
     return _scalar(value) if value is not None and not isinstance(value, (int, float)) else None
 
 
+def _prim(arg) -> int | None:
+    """An integer argument, given as an IntImm or a PrimValue wrapping one."""
+    value = _scalar(arg)
+    return None if value is None or value != int(value) else int(value)
+
+
 def _same_dim(a, b) -> bool:
     """Two shape entries that are provably equal (equal ints, or symbolic expressions equal for every value)."""
     sa, sb = _static(a), _static(b)
@@ -72,121 +83,180 @@ def _same_dim(a, b) -> bool:
         return sa == sb
     if a.same_as(b):
         return True
-    analyzer = getattr(getattr(tvm, "sym", None), "Analyzer", None) or getattr(getattr(tvm, "arith", None),
-                                                                            "Analyzer", None)
     try:  # tvm.sym since TVM 0.27 (tvm.arith before)
-        return analyzer is not None and bool(analyzer().can_prove_equal(a, b))
+        return bool((getattr(tvm, "sym", None) or tvm.arith).Analyzer().can_prove_equal(a, b))
     except Exception:  # noqa: BLE001 - unprovable is "not the same"
         return False
 
 
 def _same_shape(a, b) -> bool:
     """Two vars' tensor types with provably equal shapes and equal dtypes."""
-    ta, tb = _type(a), _type(b)
-    if not all(isinstance(t, relax.TensorType) and hasattr(getattr(t, "shape", None), "values") for t in (ta, tb)):
-        return False
-    da, db = list(ta.shape.values), list(tb.shape.values)
-    return str(ta.dtype) == str(tb.dtype) and len(da) == len(db) and all(map(_same_dim, da, db))
+    da, db = _dims(a), _dims(b)
+    return None not in (da, db) and _dtype(a) == _dtype(b) and len(da) == len(db) and all(map(_same_dim, da, db))
+
+
+def _direct_args(expr) -> list:
+    """What a binding reads directly: a call's arguments (and a tuple argument's items), a tuple's fields,
+    a tuple item's tuple."""
+    items = expr.args if isinstance(expr, relax.Call) else getattr(expr, "fields", [getattr(expr, "tuple_value", expr)])
+    return [f for a in items for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
 
 
 class RelaxView:
-    """The planner's view of one Relax function; keys are binding vars."""
+    """The planners' view of one Relax function."""
 
     def __init__(self, func: relax.Function):
-        self.func = func
         self.bound: dict[relax.Var, relax.Expr] = {}
         self._values: list[relax.Var] = []
-        self._uses: dict[relax.Var, int] = {}
-        self._const: dict[relax.Var, np.ndarray | None] = {}
-        self._users: dict[relax.Var, list[relax.Var]] = {}
-        self._var_by_value: dict = {}
-        self.attached: dict[relax.Var, list[relax.Var]] = {}  # var -> bindings dropped with it
+        self._users: dict[relax.Var, list] = {}  # var -> the vars of bindings reading it (None: the body)
         self._hidden: set[relax.Var] = set()  # vars read somewhere other than as a direct argument
+        self._const: dict[relax.Var, np.ndarray | None] = {}
+        self._described: dict = {}  # var -> description or Declined (a view is read many times per rule)
+        self.attached: dict[relax.Var, list[relax.Var]] = {}  # var -> bindings that go with it
+        self._bias_of: dict[relax.Var, relax.Var] = {}  # bias add -> the conv / matmul it is read with
         for block in func.body.blocks:
             for binding in block.bindings:
-                if not isinstance(binding, relax.VarBinding):
-                    for v in relax.analysis.free_vars(binding.value):  # match_cast and friends
-                        self._hidden.add(v)
-                        self._uses[v] = self._uses.get(v, 0) + 1
-                    continue
-                self.bound[binding.var] = binding.value
-                self._var_by_value[binding.value] = binding.var
-                if isinstance(block, relax.DataflowBlock):
-                    self._values.append(binding.var)
-                direct = _direct_args(binding.value)
-                for v in relax.analysis.free_vars(binding.value):
-                    self._uses[v] = self._uses.get(v, 0) + 1
+                value = getattr(binding, "value", None)
+                direct = _direct_args(value) if isinstance(binding, relax.VarBinding) else []
+                for v in relax.analysis.free_vars(value):  # match_cast and friends read too
                     self._users.setdefault(v, []).append(binding.var)
                     if not any(v.same_as(d) for d in direct):
                         self._hidden.add(v)
+                if isinstance(binding, relax.VarBinding):
+                    self.bound[binding.var] = value
+                    if isinstance(block, relax.DataflowBlock):
+                        self._values.append(binding.var)
         for v in relax.analysis.free_vars(func.body.body):
-            self._uses[v] = self._uses.get(v, 0) + 1
+            self._users.setdefault(v, []).append(None)
             self._hidden.add(v)
+        self._last = self._channels_last()
+        for var in self._values:
+            if _op_name(self.bound[var]) == "relax.add":
+                self._read_with_bias(var)
+        self._host = {conv: add for add, conv in self._bias_of.items()}
 
     # -- GraphView protocol
     def values(self):
-        return self._values
+        return [v for v in self._values if v not in self._host]
 
-    def single_consumer(self, var: relax.Var) -> bool:
-        return isinstance(var, relax.DataflowVar) and self._uses.get(var, 0) == 1
+    def single_consumer(self, var) -> bool:
+        return isinstance(var, relax.DataflowVar) and len(self._users.get(var, ())) == 1
 
-    def readers(self, var: relax.Var):
+    def readers(self, var):
         """The bindings reading `var` as a direct argument (keyed by their vars), or None when it leaves
         its dataflow block (function output) or is read inside a nested expression we cannot see."""
         if not isinstance(var, relax.DataflowVar) or var in self._hidden:
             return None
-        return list(dict.fromkeys(self._users.get(var, [])))
+        return list(dict.fromkeys(self._host.get(r, r) for r in self._users.get(var, [])))
 
-    def channels_and_rank(self, var):
-        shape, dtype = self._shape(var)
-        if shape is None or len(shape) < 2 or shape[1] is None or not dtype.startswith(("float", "bfloat")):
-            return None
-        return shape[1], len(shape) - 2
+    def users(self, var) -> list:
+        """Every binding var reading `var` (None for the function's result), hidden ones included."""
+        return self._users.get(var, [])
 
-    def describe(self, var: relax.Var):
-        expr = self.bound.get(var)
-        if expr is None or self.const(var) is not None:  # a function parameter, or a constant
+    def layout(self, var) -> Layout | None:
+        dims = _dims(var)
+        if dims is None or len(dims) < 2 or not _dtype(var).startswith(("float", "bfloat")):
             return None
+        axis = len(dims) - 1 if var in self._last else 1
+        return Layout(dims[axis], len(dims) - 1 - axis) if isinstance(dims[axis], int) else None
+
+    def foldable(self, var) -> bool:
+        """A dataflow var computing (with numpy, `_FOLDS`) a constant of its declared static shape; a layout
+        op over a Constant is one already (to every planner and to TVM's FoldConstant)."""
+        if not isinstance(var, relax.DataflowVar) or not isinstance(self.bound.get(var), relax.Call) \
+                or self._layout_of_constant(var):
+            return False
+        value, dims = self.const(var), _dims(var)
+        return value is not None and dims is not None and list(value.shape) == [_static(d) for d in dims]
+
+    def label(self, var) -> str:
+        return _name(var)
+
+    def kind(self, var) -> str:
+        expr = self.bound.get(self._bias_of.get(var, var))
         if isinstance(expr, relax.TupleGetItem):
-            return self._tuple_get_item(expr)
-        name = _op_name(expr)
-        read = _READERS.get(name)
-        return None if read is None else read(self, expr)
+            expr = self.bound.get(expr.tuple_value)
+        return (_op_name(expr) or type(expr).__name__).rsplit(".", 1)[-1]
 
-    # -- helpers
-    @staticmethod
-    def _shape(var) -> tuple[list | None, str]:
-        ty = _type(var)
-        if not isinstance(ty, relax.TensorType) or ty.shape is None:
-            return None, ""
-        dims = getattr(ty.shape, "values", None)
-        if dims is None:
-            return None, str(ty.dtype)
-        return [_static(d) for d in dims], str(ty.dtype)
+    def describe(self, var):
+        if var not in self._described:
+            try:
+                self._described[var] = self._describe(var)
+            except Declined as e:
+                self._described[var] = e
+        if isinstance(self._described[var], Declined):
+            raise Declined(str(self._described[var]))
+        return self._described[var]
+
+    # -- reading
+    def _describe(self, var):
+        expr = self.bound.get(var)
+        if expr is None or self.const(var) is not None or not _dtype(var).startswith(("float", "bfloat")):
+            return None  # a function parameter, a constant, or not a tensor of numbers (index arithmetic)
+        read = RelaxView._batch_norm if isinstance(expr, relax.TupleGetItem) else _READERS.get(_op_name(expr))
+        d = None if read is None else read(self, var, expr)
+        if isinstance(d, Affine):  # what the op does must be what the tensors' layouts say
+            for v, channels in ((var, d.op.out_channels), (d.input, d.op.in_channels)):
+                layout = self.layout(v)
+                if layout is not None and layout != (channels, d.op.rank):
+                    raise Declined(f"{self.kind(var)} reads {layout.channels} channels and {layout.rank} spatial "
+                                   f"dims where the op has {channels} and {d.op.rank}")
+        return d
+
+    def _read_with_bias(self, add):
+        """conv / matmul + per-channel constant, the conv read by nothing else: one Affine at the add."""
+        try:
+            d = self.describe(add)
+            inner = d.input if isinstance(d, Affine) and d.op.per_channel() is not None else None
+            if _op_name(self.bound.get(inner)) not in _WEIGHTED or not self.single_consumer(inner):
+                return
+            di = self.describe(inner)
+        except Declined:
+            return
+        if isinstance(di, Affine) and A.check_compose(d.op, di.op) is None:
+            self._described[add] = Affine(di.input, A.compose(d.op, di.op))
+            self._bias_of[add] = inner
+            self.attached[add] = [inner]
+
+    def _channels_last(self) -> set:
+        """[B, ..., C] values (3-D and up) a matmul with a constant weight reads or writes, so channels are
+        their last axis, and the values elementwise ops chain to them; a value that a channels-first op
+        (conv, BatchNorm, pool, pad) reads or writes stays channels-first."""
+        last, first, links = set(), set(), []
+        for var, expr in self.bound.items():
+            name = _op_name(expr)
+            args = [a for a in getattr(expr, "args", ()) if isinstance(a, relax.Var)]
+            if name == "relax.matmul" and self.const(expr.args[1]) is not None:
+                last.update([a for a in expr.args[:1] if isinstance(a, relax.Var)] + [var])
+            elif name in _ELEMENTWISE or name in _ACTIVATION or name == "relax.clip":
+                links += [(a, var) for a in args if self.const(a) is None]
+            elif name in _CHANNELS_FIRST or isinstance(expr, relax.TupleGetItem):
+                first.update(args + [var])
+        grown = True
+        while grown:  # forward and backward along the chains; `last` only grows
+            grown = False
+            for a, b in links + links[::-1]:
+                if (a in last) != (b in last) and not {a, b} & first:
+                    last.update((a, b))
+                    grown = True
+        return {v for v in last - first if len(_dims(v) or ()) >= 3}
 
     def const(self, expr) -> np.ndarray | None:
-        """The constant an expression holds (Constant, or permute_dims/reshape/astype of one)."""
+        """The constant an expression holds (a Constant, or what `_FOLDS` compute from constants)."""
         if not isinstance(expr, relax.Var):
             return _constant(expr)
-        if expr in self._const:
-            return self._const[expr]
-        value = None
-        bound = self.bound.get(expr)
-        if bound is not None:
-            value = self._fold(bound)
-        self._const[expr] = value
-        return value
+        if expr not in self._const:
+            bound = self.bound.get(expr)
+            self._const[expr] = None if bound is None else self._fold(bound)
+        return self._const[expr]
 
     def _fold(self, expr) -> np.ndarray | None:
         """Evaluate a parameter-only computation with numpy (BN-and-pad fill values, transposed weights)."""
         if not isinstance(expr, relax.Call):
             return self.const(expr)
-        name = _op_name(expr)
-        fold = _FOLDS.get(name)
-        if fold is None:
-            return None
-        args = [self._fold_arg(a) for a in expr.args]
-        if any(a is None for a in args):
+        fold = _FOLDS.get(_op_name(expr))
+        args = [] if fold is None else [self._fold_arg(a) for a in expr.args]
+        if fold is None or any(a is None for a in args):
             return None
         try:
             return np.asarray(fold(expr, *args))
@@ -194,16 +264,24 @@ class RelaxView:
             return None
 
     def _fold_arg(self, arg):
-        """A fold's argument: arrays for tensors, ShapeExpr as is, tuples of integers as int lists."""
+        """A fold's argument: arrays for tensors, static shapes and tuples of integers as int lists."""
         if isinstance(arg, relax.ShapeExpr):
-            return arg
+            dims = [_static(d) for d in arg.values]
+            return None if None in dims else dims
         if isinstance(arg, relax.Tuple):
             ints = [_prim(f) for f in arg.fields]
             if all(i is not None for i in ints):
                 return ints
             items = [self.const(f) for f in arg.fields]
             return None if any(i is None for i in items) else items
-        return self.const(arg)
+        return self.const(arg) if _scalar(arg) is None else _scalar(arg)
+
+    def _layout_of_constant(self, expr) -> bool:
+        """A layout op over a Constant (or over such ops): folding it computes nothing."""
+        if _constant(expr) is not None:
+            return True
+        call = self.bound.get(expr) if isinstance(expr, relax.Var) else None
+        return _op_name(call) in _LAYOUT and self._layout_of_constant(call.args[0])
 
     def _input(self, arg) -> relax.Var:
         if not isinstance(arg, relax.Var) or self.const(arg) is not None:
@@ -216,48 +294,50 @@ class RelaxView:
             raise Declined(f"{what} is not a constant (bind parameters with relax.transform.BindParams)")
         return value
 
-    def _cr(self, var):
-        cr = self.channels_and_rank(var)
-        if cr is None:
+    def _layout(self, var) -> Layout:
+        layout = self.layout(var)
+        if layout is None:
             raise Declined("input shape or channel count unknown")
-        return cr
+        return layout
 
-    # -- readers
-    def _conv(self, call):
+    def _channel_axis(self, var, axis) -> bool:
+        rank, ndim = self._layout(var).rank, len(_dims(var))
+        return int(axis) % ndim == ndim - 1 - rank
+
+    # -- readers (the _READERS table): var, its bound expression -> a description, None, or Declined
+    def _conv(self, var, call):
         a = call.attrs
         rank = 2 if call.op.name == "relax.nn.conv2d" else 1
-        if str(a.data_layout) != ("NCHW" if rank == 2 else "NCW") or str(a.kernel_layout) != ("OIHW" if rank == 2
-                                                                                               else "OIW"):
+        if (str(a.data_layout), str(a.kernel_layout)) != (("NCHW", "OIHW") if rank == 2 else ("NCW", "OIW")):
             raise Declined(f"layout {a.data_layout}/{a.kernel_layout}")
         if str(a.out_layout) not in ("", str(a.data_layout)):
             raise Declined(f"out_layout {a.out_layout}")
         x = self._input(call.args[0])
         w = self._need(call.args[1], "conv weight")
         pad = _ints(a.padding)  # conv2d: top, left, bottom, right; conv1d: left, right
-        if len(pad) == rank:
-            pad = pad + pad
+        pad = pad + pad if len(pad) == rank else pad
         pads = tuple((pad[d], pad[d + rank]) for d in range(rank))
         return Affine(x, A.conv(w, None, _ints(a.strides), pads, _ints(a.dilation), int(a.groups)))
 
-    def _tuple_get_item(self, expr: relax.TupleGetItem):
-        tup = expr.tuple_value
-        if expr.index != 0 or not isinstance(tup, relax.Var) or _op_name(self.bound.get(tup)) != "relax.nn.batch_norm":
+    def _batch_norm(self, var, item: relax.TupleGetItem):
+        tup = item.tuple_value
+        if item.index != 0 or not isinstance(tup, relax.Var) or _op_name(self.bound.get(tup)) != "relax.nn.batch_norm":
             return None
-        if self._uses.get(tup, 0) != 1:
+        if len(self._users.get(tup, ())) != 1:
             raise Declined("BatchNorm's running statistics outputs are used")
         call = self.bound[tup]
         a = call.attrs
         if bool(getattr(a, "training", False)):
             raise Declined("BatchNorm in training mode uses batch statistics")
         x = self._input(call.args[0])
-        c, rank = self._cr(x)
-        if int(a.axis) not in (1, 1 - (rank + 2)):
+        if not self._channel_axis(x, a.axis):
             raise Declined("BatchNorm over a non-channel axis")
-        gamma, beta, mean, var = (self._need(arg, "BatchNorm parameters") for arg in call.args[1:5])
-        return Affine(x, A.batchnorm(mean, var, gamma if a.scale else None, beta if a.center else None,
-                                     float(a.epsilon), rank))
+        gamma, beta, mean, variance = (self._need(arg, "BatchNorm parameters") for arg in call.args[1:5])
+        self.attached[var] = [tup]
+        return Affine(x, A.batchnorm(mean, variance, gamma if a.scale else None, beta if a.center else None,
+                                     float(a.epsilon), self._layout(x).rank))
 
-    def _binary(self, call):
+    def _binary(self, var, call):
         kind = _ELEMENTWISE[call.op.name]
         a, b = call.args
         ca, cb = self.const(a), self.const(b)
@@ -266,120 +346,122 @@ class RelaxView:
                 if not _same_shape(a, b):
                     raise Declined("operands of different or unknown shapes (broadcasting)")
                 return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
-            return self._scaled(call, a, b) if kind == "mul" else None
+            return self._scaled(var, a, b) if kind == "mul" else None
         if ca is not None and cb is not None:
             return None
         x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
         x = self._input(x)
-        channels, rank = self._cr(x)
-        op = A.elementwise(kind, A.channel_vector(c, rank + 2, channels), const_first, rank)
+        layout, ndim = self._layout(x), len(_dims(x))
+        c = np.asarray(c)
+        if c.size > 1 and c.ndim <= ndim:  # the channel axis to where channel_vector looks for it (axis 1)
+            c = np.moveaxis(c.reshape((1,) * (ndim - c.ndim) + c.shape), ndim - 1 - layout.rank, 1)
+        op = A.elementwise(kind, A.channel_vector(c, ndim, layout.channels), const_first, layout.rank)
         return None if op is None else Affine(x, op)
 
-    def _scaled(self, call, a, b):
+    def _scaled(self, var, a, b):
         """x * s with s a per-sample scalar [N, 1, ...] computed from data (a dynamic conv's attention)."""
-        if not isinstance(a, relax.Var) or not isinstance(b, relax.Var):
-            return None
-        out = _type(self._var_of(call))
         for x, s in ((a, b), (b, a)):
-            tx, ts = _type(x), _type(s)
-            if not all(isinstance(t, relax.TensorType) and t.shape is not None and hasattr(t.shape, "values")
-                       for t in (tx, ts, out)):
-                continue
-            xs, ss, os_ = list(tx.shape.values), list(ts.shape.values), list(out.shape.values)
-            if len(xs) != len(ss) or len(xs) < 2 or len(os_) != len(xs) or str(tx.dtype) != str(ts.dtype):
-                continue
-            if not all(_same_dim(p, q) for p, q in zip(xs, os_)):
-                continue  # s must not broadcast x
-            if _same_dim(ss[0], xs[0]) and all(_static(d) == 1 for d in ss[1:]) and self.channels_and_rank(x):
+            xs, ss = _dims(x), _dims(s)
+            if isinstance(x, relax.Var) and isinstance(s, relax.Var) and _same_shape(x, var) and self.layout(x) \
+                    and len(ss or ()) == len(xs) and _dtype(s) == _dtype(x) and _same_dim(ss[0], xs[0]) \
+                    and all(_static(d) == 1 for d in ss[1:]):  # x's shape is the product's: s broadcasts, x not
                 return Scaled(x, s)
         return None
 
-    # -- activations (for dead-channel planning: constants pass through them)
-    def _activation(self, call):
+    # activations, for dead-channel planning: constants pass through them
+    def _activation(self, var, call):
         return Pointwise(self._input(call.args[0]), ACTIVATIONS[_ACTIVATION[call.op.name]])
 
-    def _clip(self, call):
+    def _clip(self, var, call):
         low, high = (_scalar(a) for a in call.args[1:3])
         if low is None or high is None:
             return None  # tensor bounds: not a fixed function of the channel constant
         return Pointwise(self._input(call.args[0]), clip(low, high))
 
-    def _matmul(self, call):
+    def _matmul(self, var, call):
         x, w = call.args
         w = self.const(w)
         if w is None or w.ndim != 2:
-            return None
+            return None  # a product of two tensors (attention) is not affine
         x = self._input(x)
-        shape, _ = self._shape(x)
-        if shape is None or len(shape) != 2:
-            raise Declined("matmul input is not [N, C]")
-        return Affine(x, A.linear(w.T))  # x @ W == linear(x, W.T)
+        if len(_dims(x) or ()) < 2:
+            raise Declined("matmul input is not [..., C]")
+        return Affine(x, A.linear(w.T))  # x @ W == linear(x, W.T), over the last axis
 
-    def _avg_pool(self, call):
+    def _gather(self, var, call):
+        """Rows taken at constant indices along a spatial axis: how TVM's torch frontend writes reflect,
+        replicate and circular padding, none of them zeros (other gathers are not affine ops here)."""
+        x, rows = call.args[0], self.const(call.args[1])
+        layout, dims = self.layout(x), _dims(x)
+        if rows is None or rows.ndim != 1 or layout is None or self.const(x) is not None or call.attrs.axis is None:
+            return None  # an embedding lookup (constant table, data indices) is not padding either
+        axis = int(call.attrs.axis) % len(dims)
+        n = dims[axis]
+        if axis < len(dims) - layout.rank or not isinstance(n, int):
+            return None
+        b = next((b for b in range(len(rows) - n + 1) if np.array_equal(rows[b:b + n], np.arange(n))), None)
+        a = None if b is None else len(rows) - n - b
+        if not a and not b:
+            return None
+        for mode, (before, after) in {"reflect": (np.arange(b, 0, -1), np.arange(n - 2, n - 2 - a, -1)),
+                                      "replicate": (np.zeros(b), np.full(a, n - 1)),
+                                      "circular": (np.arange(n - b, n), np.arange(a))}.items():
+            if np.array_equal(rows[:b], before) and np.array_equal(rows[b + n:], after):
+                raise Declined(f"{mode} padding")
+        return None
+
+    def _avg_pool(self, var, call):
         a = call.attrs
         if str(a.layout) != "NCHW" or str(a.out_layout) not in ("", "NCHW"):
             raise Declined(f"layout {a.layout}")
         if any(d != 1 for d in _ints(a.dilation)):
             raise Declined("dilated average pool")
         x = self._input(call.args[0])
-        c, rank = self._cr(x)
         pad = _ints(a.padding)
-        pads = ((pad[0], pad[2]), (pad[1], pad[3]))
-        shape, _ = self._shape(x)
-        return Affine(x, A.avg_pool(c, 2, _ints(a.pool_size), _ints(a.strides), pads,
-                                    count_include_pad=bool(a.count_include_pad), ceil_mode=bool(a.ceil_mode),
-                                    input_size=shape[2:]))
+        return Affine(x, A.avg_pool(self._layout(x).channels, 2, _ints(a.pool_size), _ints(a.strides),
+                                    ((pad[0], pad[2]), (pad[1], pad[3])), count_include_pad=bool(a.count_include_pad),
+                                    ceil_mode=bool(a.ceil_mode), input_size=_dims(x)[2:]))
 
     def _pad_geometry(self, call) -> tuple[relax.Var, A.Pads, float]:
         a = call.attrs
         if str(a.pad_mode) != "constant":
             raise Declined(f"{a.pad_mode} padding")
         x = self._input(call.args[0])
-        _, rank = self._cr(x)
+        rank = self._layout(x).rank
         width = _ints(a.pad_width)  # before/after for every axis: [b0, a0, b1, a1, ...]
         if len(width) != 2 * (rank + 2) or any(width[:4]):
             raise Declined("padding touches batch or channel dims")
         if any(p < 0 for p in width):
             raise Declined("negative padding crops the input")
-        pads = tuple((width[2 * d], width[2 * d + 1]) for d in range(2, rank + 2))
-        value = 0.0
-        if len(call.args) > 1:
-            pv = self.const(call.args[1])
-            if pv is None:
-                raise Declined("pad value is not a constant")
-            value = float(pv.reshape(()))
-        elif hasattr(a, "pad_value"):
-            value = float(a.pad_value)
-        return x, pads, value
+        if len(call.args) > 1:  # TVM 0.27 keeps the value in the attributes
+            raise Declined("pad value given as a tensor")
+        return x, tuple((width[2 * d], width[2 * d + 1]) for d in range(2, rank + 2)), float(a.pad_value)
 
-    def _pad(self, call):
-        if any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(self._var_of(call), [])):
+    def _pad(self, var, call):
+        if any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(var, [])):
             return None  # the border writes that follow decide what this is
         x, pads, value = self._pad_geometry(call)
-        return padded(x, self._cr(x)[0], pads, value)
+        return padded(x, self._layout(x).channels, pads, value)
 
-    def _slice_scatter(self, call):
+    def _slice_scatter(self, var, call):
         """nn.pad followed by slice_scatters that write every border (DBB's BN-and-pad after torch.export)."""
-        var = self._var_of(call)
-        users = [u for u in self._users.get(var, []) if _op_name(self.bound.get(u)) == "relax.slice_scatter"]
-        if users and self.single_consumer(var):
+        if self.single_consumer(var) and \
+                any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(var, [])):
             return None  # not the end of the chain
-        chain = [call]
-        data = call.args[0]
+        chain, data = [(var, call)], call.args[0]
         while _op_name(self.bound.get(data)) == "relax.slice_scatter":
             if not self.single_consumer(data):
                 raise Declined("intermediate border write is read elsewhere")
-            chain.append(self.bound[data])
+            chain.append((data, self.bound[data]))
             data = self.bound[data].args[0]
-        pad = self.bound.get(data)
-        if _op_name(pad) != "relax.nn.pad" or not self.single_consumer(data):
+        if _op_name(self.bound.get(data)) != "relax.nn.pad" or not self.single_consumer(data):
             return None
-        x, pads, _ = self._pad_geometry(pad)
-        shape, dtype = self._shape(data)
-        if shape is None or None in shape:
+        x, pads, _ = self._pad_geometry(self.bound[data])
+        shape = _dims(data)
+        if not all(isinstance(d, int) for d in shape or [None]):
             raise Declined("border writes on a tensor of dynamic size")
         filled = np.full(shape, np.nan)
-        for write in reversed(chain):  # earliest first
+        for _, write in reversed(chain):  # earliest first
             src = self.const(write.args[1])
             start, end, step = (_prim(a) for a in write.args[2:5])
             if src is None or None in (start, end, step):
@@ -388,37 +470,24 @@ class RelaxView:
             index[int(write.attrs.axis) % len(shape)] = slice(start, end, step)
             filled[tuple(index)] = src
         fill = border_fill(filled, pads)
-        self.attached[var] = [data] + [self._var_of(w) for w in chain[1:]]
-        return PadWith(x, pads, fill, precision(np.finfo(dtype).eps))
+        self.attached[var] = [data] + [v for v, _ in chain[1:]]
+        return PadWith(x, pads, fill, precision(np.finfo(_dtype(data)).eps))
 
-    def _var_of(self, expr) -> relax.Var:
-        return self._var_by_value[expr]
-
-    def _concat(self, call):
-        if int(call.attrs.axis) != 1:
+    def _concat(self, var, call):
+        tup, layout = call.args[0], self.layout(var)
+        if not isinstance(tup, relax.Tuple) or call.attrs.axis is None or layout is None \
+                or not self._channel_axis(var, call.attrs.axis):
             return None
-        tup = call.args[0]
-        if not isinstance(tup, relax.Tuple):
-            return None
-        items = list(tup.fields)
-        if not all(isinstance(v, relax.Var) and self.const(v) is None for v in items):
-            return None
-        return Concat(tuple(items))
-
-
-def _shape_of(shape_expr) -> list[int]:
-    dims = [_static(d) for d in shape_expr.values]
-    if None in dims:
-        raise ValueError("symbolic shape")
-    return dims
+        items = tuple(tup.fields)
+        parts = [self.layout(v) if isinstance(v, relax.Var) and self.const(v) is None else None for v in items]
+        return Concat(items) if all(p is not None and p.rank == layout.rank for p in parts) else None
 
 
 def _strided_slice(e, a, axes, begin, end, strides=None):
-    strides = strides or [1] * len(axes)
-    if any(st <= 0 for st in strides):
-        raise ValueError("negative strides: clamping rules differ from numpy's")
     index = [slice(None)] * a.ndim
-    for ax, b, en, st in zip(axes, begin, end, strides):
+    for ax, b, en, st in zip(axes, begin, end, strides or [1] * len(axes)):
+        if st <= 0:
+            raise ValueError("negative strides: clamping rules differ from numpy's")
         index[ax] = slice(b, en, st)
     return a[tuple(index)]
 
@@ -437,9 +506,11 @@ _FOLDS = {
     "relax.multiply": lambda e, a, b: a * b,
     "relax.divide": lambda e, a, b: a / b,
     "relax.sqrt": lambda e, a: np.sqrt(a),
+    "relax.abs": lambda e, a: np.abs(a),
+    "relax.arange": lambda e, start, end, step: np.arange(start, end, step).astype(str(e.attrs.dtype)),
     "relax.negative": lambda e, a: -a,
-    "relax.reshape": lambda e, a, s: a.reshape(_shape_of(s)),
-    "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, _shape_of(s)),
+    "relax.reshape": lambda e, a, s: a.reshape(s),
+    "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, s),
     "relax.permute_dims": lambda e, a: np.transpose(a, None if e.attrs.axes is None else _ints(e.attrs.axes)),
     "relax.astype": lambda e, a: a.astype(str(e.attrs.dtype)),
     "relax.strided_slice": _strided_slice,  # one-shot NAS weight slicing
@@ -449,19 +520,26 @@ _FOLDS = {
     "relax.squeeze": lambda e, a: np.squeeze(a, None if e.attrs.axis is None else tuple(_ints(e.attrs.axis))),
 }
 
+# reshaping ops that the frontends put on parameters (a bias viewed as [1, C, 1, 1], a transposed weight)
+_LAYOUT = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.broadcast_to",
+           "relax.astype")
+
 # elementwise activations, by the name patterns.channels.ACTIVATIONS knows them
 _ACTIVATION = {"relax.nn.relu": "relu", "relax.sigmoid": "sigmoid", "relax.tanh": "tanh", "relax.nn.silu": "silu"}
 
 _ELEMENTWISE = {"relax.add": "add", "relax.subtract": "sub", "relax.multiply": "mul", "relax.divide": "div"}
 
+_WEIGHTED = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul")  # what the writer writes with a bias add
+
+_CHANNELS_FIRST = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.batch_norm", "relax.nn.avg_pool2d",
+                   "relax.nn.pad", "relax.slice_scatter")
+
 _READERS = {
     "relax.nn.conv2d": RelaxView._conv,
     "relax.nn.conv1d": RelaxView._conv,
-    "relax.add": RelaxView._binary,
-    "relax.subtract": RelaxView._binary,
-    "relax.multiply": RelaxView._binary,
-    "relax.divide": RelaxView._binary,
+    **{name: RelaxView._binary for name in _ELEMENTWISE},
     "relax.matmul": RelaxView._matmul,
+    "relax.take": RelaxView._gather,
     "relax.nn.avg_pool2d": RelaxView._avg_pool,
     "relax.nn.pad": RelaxView._pad,
     "relax.concat": RelaxView._concat,
@@ -469,120 +547,3 @@ _READERS = {
     "relax.clip": RelaxView._clip,
     **{name: RelaxView._activation for name in _ACTIVATION},
 }
-
-
-def _direct_args(expr) -> list:
-    """The expressions a binding reads directly: a call's arguments (and the items of a tuple argument),
-    a tuple's fields, a tuple item's tuple."""
-    if isinstance(expr, relax.Call):
-        out = []
-        for a in expr.args:
-            out.extend(a.fields if isinstance(a, relax.Tuple) else [a])
-        return out
-    if isinstance(expr, relax.Tuple):
-        return list(expr.fields)
-    if isinstance(expr, relax.TupleGetItem):
-        return [expr.tuple_value]
-    return [expr]
-
-
-# ---------------------------------------------------------------- rewriting
-
-def affine_expr(emit, op: A.AffineConv, source: relax.Expr, dtype: str) -> relax.Expr:
-    """An AffineConv as Relax, its last call left for the caller to bind (`emit` binds the others):
-    conv2d / conv1d + bias add; a per-channel op as multiply / add by [1, C, 1, ...] constants (a rewrite
-    never adds a conv the graph did not have); a rank-0 op as its `affine.linear_steps` (matmul has no
-    groups: matmul with W.T + bias, or multiply / add)."""
-    def const(a):
-        return relax.const(np.ascontiguousarray(a.astype(dtype)), dtype)
-
-    pc = op.per_channel()
-    if op.rank == 0 or pc is not None:
-        steps = A.linear_steps(op) if op.rank == 0 else A.per_channel_steps(op)
-        if steps[0][0] == "linear":  # [N, I] @ [I, O] + b
-            steps = [("matmul", steps[0][1].T)] + ([("add", op.bias)] if np.any(op.bias) else [])
-        make = {"matmul": relax.op.matmul, "mul": relax.op.multiply, "add": relax.op.add}
-        expr = source
-        for i, (kind, value) in enumerate(steps):
-            value = value if kind == "matmul" else value.reshape((1, -1) + (1,) * op.rank)  # [1, C, 1, ...]
-            expr = make[kind](emit(expr) if i else expr, const(value))
-        return expr
-    pads = [p[0] for p in op.pads] + [p[1] for p in op.pads]
-    if op.rank not in (1, 2):
-        raise Declined("only 1-D and 2-D convolutions are emitted for Relax")
-    conv = relax.op.nn.conv2d if op.rank == 2 else relax.op.nn.conv1d
-    body = conv(source, const(op.weight), strides=list(op.stride), padding=pads, dilation=list(op.dilation),
-                groups=op.groups)
-    if not np.any(op.bias):
-        return body
-    return relax.op.add(emit(body), const(op.bias.reshape((1, -1) + (1,) * op.rank)))
-
-
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    """Emit the fused op at each region root; drop the region's other bindings."""
-
-    def __init__(self, mod, roots: dict, dropped: set):
-        super().__init__(mod)
-        self.roots = roots  # root var -> Region
-        self.dropped = dropped  # vars of bindings that disappear
-        self.failed: str | None = None  # a Declined from the writer (raised here it would cross TVM's FFI)
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        var = binding.var
-        if var in self.dropped:
-            return
-        region = self.roots.get(var)
-        if region is None:
-            super().visit_var_binding_(binding)
-            return
-        source = self.visit_expr(region.source)
-        try:
-            expr = affine_expr(self.builder_.emit, region.op, source, str(_type(var).dtype))
-        except Declined as e:
-            self.failed = self.failed or str(e)
-            super().visit_var_binding_(binding)
-            return
-        if isinstance(var, relax.DataflowVar):
-            new = self.builder_.emit(expr)
-        else:
-            new = self.builder_.emit_output(expr)
-        self.set_var_remap(var, new)
-
-
-def _already_canonical(view: RelaxView, region) -> bool:
-    """op + constant add is what we would emit (op: conv/matmul, or a per-channel multiply as dead_channels
-    emits one): rewriting it changes nothing.  An add of two tensors (a residual) is not that."""
-    if len(region.nodes) != 2:
-        return False
-    first, second = (view.bound[v] for v in region.nodes)
-    if _op_name(second) != "relax.add" or not any(a.same_as(region.nodes[0]) for a in second.args) or \
-            all(view.const(a) is None for a in second.args):
-        return False
-    return _op_name(first) in ("relax.multiply", "relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul")
-
-
-def fuse_function(mod: tvm.IRModule, func: relax.Function) -> tuple[relax.Function, Plan]:
-    """Fuse every affine region of one Relax function; returns the new function and the plan."""
-    original = func
-    func = relax.analysis.remove_all_unused(func)  # dead reads would count as consumers
-    view = RelaxView(func)
-    relax_plan = plan(view)
-    regions = [r for r in relax_plan.regions if r.op.rank in (0, 1, 2) and not _already_canonical(view, r)]
-    if not regions:
-        return original, relax_plan
-    relax_plan.regions = regions
-    roots = {r.root: r for r in regions}
-    dropped = {v for r in regions for v in r.nodes[:-1]}
-    dropped |= {a for r in regions for v in r.nodes for a in view.attached.get(v, ())}
-    for r in regions:  # batch_norm tuples whose item 0 went into a region
-        for v in r.nodes:
-            item = view.bound.get(v)
-            if isinstance(item, relax.TupleGetItem) and isinstance(item.tuple_value, relax.Var):
-                dropped.add(item.tuple_value)
-    rewriter = _Rewriter(mod, roots, dropped)
-    new_func = rewriter.visit_expr(func)
-    if rewriter.failed:
-        raise Declined(rewriter.failed)
-    new_func = relax.analysis.remove_all_unused(new_func)
-    return new_func, relax_plan

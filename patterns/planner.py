@@ -166,7 +166,7 @@ class Region:
     nodes: tuple[Key, ...]
     cost: float
     expensive: bool | None = None  # kept by _release
-    regrouped: bool = False  # the root's leading dims differ from the source's (a Regroup inside)
+    regroups: int = 0  # Regroup nodes inside: the root's leading dims may differ from the source's
 
     @property
     def root(self) -> Key:
@@ -246,7 +246,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
 def _release(region: Region) -> Region:
     """An absorbed region keeps what selection reads, not its fused weights: a chain of large convs
     would otherwise hold one fused copy per value."""
-    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region), region.regrouped)
+    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region), region.regroups)
 
 
 def _fresh(v: Key, d: Description) -> Region | None:
@@ -265,7 +265,7 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         if reason:
             raise Declined(reason)
         op = affine.compose(d.op, m.op)
-        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regrouped=m.regrouped)
+        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regroups=m.regroups)
 
     if isinstance(d, PadWith):
         m = input_map(d.input)
@@ -276,13 +276,13 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
             raise Declined(reason)
         op = affine.pad_with(m.op, d.pads)
         return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride),
-                      regrouped=m.regrouped)
+                      regroups=m.regroups)
 
     if isinstance(d, Regroup):
         m = input_map(d.input)
         if m is None or not m.nodes or m.op.rank != 0:
             return None
-        return Region(m.source, m.op, m.nodes + (v,), m.cost, regrouped=True)  # a view: costs nothing
+        return Region(m.source, m.op, m.nodes + (v,), m.cost, regroups=m.regroups + 1)  # a view: costs nothing
 
     maps = [input_map(u) for u in d.inputs]
     if any(m is None for m in maps):
@@ -306,7 +306,8 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         op = affine.concat(ops)
     cost = sum(m.cost for m in {id(m): m for m in maps}.values())
     cost += elementwise_cost(op.out_channels, op.stride)
-    return Region(maps[0].source, op, merged(maps, v), cost, regrouped=any(m.regrouped for m in maps))
+    regroups = sum(m.regroups for m in {id(m): m for m in maps}.values())
+    return Region(maps[0].source, op, merged(maps, v), cost, regroups=regroups)
 
 
 def _inputs(d: Description) -> tuple[Key, ...]:
@@ -318,7 +319,7 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
     result = Plan(declined=dict(declined))
     cuts: set[Key] = set()
     for v, region in maps.items():
-        if v in absorbed or len(region.nodes) < 2:
+        if v in absorbed or len(region.nodes) - region.regroups < 2:  # one op (and views): nothing to fuse
             continue
         if _too_expensive(region):
             result.declined[v] = (f"fused op would cost {region.fused_cost:.0f} MACs per input position, "
@@ -346,11 +347,11 @@ def _too_expensive(region: Region) -> bool:
 def fuse_regions(view: GraphView) -> RulePlan:
     """Every maximal affine region becomes its fused op over the region's source."""
     found = plan(view)
-    edits = [Replace(r.root, Reshape(Apply(r.source, r.op), r.root) if r.regrouped else Apply(r.source, r.op),
+    edits = [Replace(r.root, Reshape(Apply(r.source, r.op), r.root) if r.regroups else Apply(r.source, r.op),
                      r.nodes) for r in found.regions]
 
     def summary(written) -> tuple[int, str]:
-        return len(written), f"{sum(len(e.erase) for e in written)} ops"
+        return len(written), f"{sum(len(e.erase) for e in written)} ops" if written else ""
 
     count, detail = summary(edits)
     return RulePlan(edits, found.declined, count, detail, regions=found.regions, summary=summary)

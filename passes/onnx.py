@@ -458,8 +458,8 @@ def _gemm(view: OnnxView, node):
     c = view.const(node, 2, "Gemm bias", optional=True)
     if c is not None and (c.size not in (1, w.shape[0]) or c.ndim == 2 and c.shape[0] != 1):
         raise Declined("Gemm bias is not per-output")
-    return Affine(x, affine.linear(w, None if c is None else np.broadcast_to(c.reshape(-1) * a.get_float("beta", 1.0),
-                                                                        (w.shape[0],))))
+    bias = None if c is None else np.broadcast_to(c.reshape(-1) * a.get_float("beta", 1.0), (w.shape[0],))  # [O]
+    return Affine(x, affine.linear(w, bias))
 
 
 def _matmul(view: OnnxView, node):

@@ -145,13 +145,13 @@ class Emitter:
         static, (k, o) = term.static, term.biases.shape
         w_k = self.weight("weights", term.weights.reshape(k, -1))  # [K, O*I/g*prod(k)]
         w = self.node("MatMul", [pi, w_k], into=into)  # [N, O*I/g*prod(k)]
-        if term.has_static_weight:
+        if term.has_static_weight:  # W_S as [1, O*I/g*prod(k)]
             w = self.node("Add", [w, self.weight("static_weight", static.weight.reshape(1, -1))], into=into)
         per_kernel = static.weight.shape[1:]  # (I/g, *k)
         w = self.node("Reshape", [w, self.ints("kernel_shape", (-1,) + per_kernel)], into=into,
                       shape=None if n is None else (n * o,) + per_kernel)  # [N*O, I/g, *k]
         b = self.node("MatMul", [pi, self.weight("biases", term.biases)], into=into)  # b_k [K, O] -> [N, O]
-        b = self.node("Add", [b, self.weight("static_bias", static.bias.reshape(1, o))], into=into)  # [N, O]
+        b = self.node("Add", [b, self.weight("static_bias", static.bias.reshape(1, o))], into=into)  # + [1, O]
         return w, self.node("Reshape", [b, self.ints("flat", [-1])], into=into, shape=None if n is None else [n * o])
 
 

@@ -19,7 +19,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, padded, precision
+from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, need_layout, padded,
+                                precision)
 from .fx_dialects import CONV_MODULES, Call, normalize
 from .report import GraphStats
 
@@ -195,12 +196,6 @@ class FxView:
             raise Declined("input is a constant")
         return arg
 
-    def need_layout(self, node) -> Layout:
-        layout = self.layout(node)
-        if layout is None:
-            raise Declined("input shape unknown")
-        return layout
-
     def _token_values(self) -> set[fx.Node]:
         """Values read channels-last: what a linear reads or writes over the last dim of an N-D tensor
         ([B, N, C] tokens), and reshapes of those that keep the last dim."""
@@ -243,7 +238,7 @@ def _batch_norm(view: FxView, node, c: Call):
         raise Declined("BatchNorm in training mode uses batch statistics")
     if c["mean"] is None or c["var"] is None:
         raise Declined("BatchNorm without running statistics")
-    layout = view.need_layout(x)
+    layout = need_layout(view, x)
     if layout.rank == 0 and len(node_shape(x)) > 2:
         raise Declined("BatchNorm over dim 1 of a tensor read channels-last")
     vals = [view.need(c[k], "BatchNorm statistics") for k in ("mean", "var", "weight", "bias")]
@@ -292,7 +287,7 @@ def _pad(view: FxView, node, c: Call):
     x = view.input(c["input"])
     if c["mode"] != "constant":
         raise Declined(f"{c['mode']} padding")
-    layout = view.need_layout(x)
+    layout = need_layout(view, x)
     pad = [int(p) for p in c["pad"]]  # torch order: (last_begin, last_end, ...)
     if len(pad) % 2 or len(pad) // 2 > layout.rank:
         raise Declined("padding touches batch or channel dims")
@@ -308,7 +303,7 @@ def _pad(view: FxView, node, c: Call):
 
 def _avg_pool(view: FxView, node, c: Call):
     x = view.input(c["input"])
-    layout = view.need_layout(x)
+    layout = need_layout(view, x)
     rank = layout.rank
     if len(node_shape(x)) != rank + 2 or rank == 0:
         raise Declined("input shape unknown or not channels-first")
@@ -319,7 +314,7 @@ def _avg_pool(view: FxView, node, c: Call):
 
 def _identity(view: FxView, node, c: Call):
     x = view.input(c["input"])
-    return Affine(x, affine.identity(*view.need_layout(x)))
+    return Affine(x, affine.identity(*need_layout(view, x)))
 
 
 def _dropout(view: FxView, node, c: Call):
@@ -339,12 +334,12 @@ def _clamp(view: FxView, node, c: Call):
 
 def _per_channel(view: FxView, x, scale, shift):
     x = view.input(x)
-    channels, rank = view.need_layout(x)
+    channels, rank = need_layout(view, x)
     return Affine(x, affine.per_channel(np.broadcast_to(scale, (channels,)), np.broadcast_to(shift, (channels,)), rank))
 
 
 def _channel_const(view: FxView, x, c) -> np.ndarray:
-    channels, rank = view.need_layout(x)
+    channels, rank = need_layout(view, x)
     if isinstance(c, (int, float)):
         return np.full(channels, float(c))
     return affine.channel_vector(_np(c), len(node_shape(x)), channels, rank)

@@ -146,6 +146,14 @@ class GraphView(Protocol):
         """The op type that computes the value (for reports)."""
 
 
+def need_layout(view: GraphView, value: Key) -> Layout:
+    """`view.layout(value)`, or Declined for a reader that cannot go on without it."""
+    layout = view.layout(value)
+    if layout is None:
+        raise Declined("input shape or channel count unknown")
+    return layout
+
+
 def describe_or_none(view: GraphView, value: Key) -> Description | None:
     """`view.describe`, with a value the adapter declined read as "not affine": rules other than
     `affine` only look for their own patterns, and a decline must never escape a rule."""

@@ -22,7 +22,7 @@ import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..passes import onnx as onnxpass
 from ..passes import onnx_write
-from ..passes.report import FusionReport
+from ..patterns.report import FusionReport
 from ..patterns import rules as R
 
 __all__ = ["InputError", "CheckSkipped", "load", "optimize", "optimize_onnx", "save", "staged", "compare_outputs",
@@ -214,7 +214,7 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 def _proto_stats(proto: onnx.ModelProto):
     """Op counts, conv count and parameters of the input, read straight from the protobuf (cheap on
     exporter graphs with thousands of shape ops); MACs are filled in once shapes are known."""
-    from ..passes.report import GraphStats
+    from ..patterns.report import GraphStats
 
     stats = GraphStats()
     constants = {i.name for i in proto.graph.initializer}

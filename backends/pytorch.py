@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..passes import fx as fxpass
-from ..passes.report import FusionReport
+from ..patterns.report import FusionReport
 from ..passes.fx_write import fuse_graph_module, run_rules
 
 log = logging.getLogger("repfuse")

@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from ..passes import relax_write
 from ..passes.relax import _dims
-from ..passes.report import FusionReport, GraphStats, RuleRow
+from ..patterns.report import FusionReport, GraphStats, RuleRow
 from ..patterns import rules
 from ..patterns.plan import Decline
 

@@ -22,7 +22,7 @@ from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, need_layout, padded,
                                 precision)
 from .fx_dialects import CONV_MODULES, Call, normalize
-from .report import GraphStats
+from ..patterns.report import GraphStats
 
 aten = torch.ops.aten
 
@@ -260,11 +260,11 @@ def _getitem(view: FxView, node, c: Call):
 
 
 def _linear_of(view: FxView, x, weight, bias):
+    """y = x @ W.T + b over the last dim."""
     x = view.input(x)
-    shape = node_shape(x)
-    if shape is None or len(shape) < 2:
+    if len(node_shape(x) or ()) < 2:
         raise Declined("linear over an input of unknown shape")
-    return Affine(x, affine.linear(_np(weight), None if bias is None else _np(bias)))  # y = x @ W.T + b over the last dim
+    return Affine(x, affine.linear(_np(weight), None if bias is None else _np(bias)))
 
 
 def _linear(view: FxView, node, c: Call):
@@ -308,8 +308,8 @@ def _avg_pool(view: FxView, node, c: Call):
     if len(node_shape(x)) != rank + 2 or rank == 0:
         raise Declined("input shape unknown or not channels-first")
     return Affine(x, affine.avg_pool(layout.channels, rank, c["kernel_size"], c["stride"], c["padding"],
-                                count_include_pad=c["count_include_pad"], ceil_mode=c["ceil_mode"],
-                                divisor=c["divisor_override"], input_size=node_shape(x)[2:]))
+                                     count_include_pad=c["count_include_pad"], ceil_mode=c["ceil_mode"],
+                                     divisor=c["divisor_override"], input_size=node_shape(x)[2:]))
 
 
 def _identity(view: FxView, node, c: Call):
@@ -322,14 +322,12 @@ def _dropout(view: FxView, node, c: Call):
 
 
 def _activation(view: FxView, node, c: Call):
-    return Pointwise(view.input(c["input"]), ACTIVATIONS[c["fn"]])
-
-
-def _clamp(view: FxView, node, c: Call):
-    low, high = c["min"], c["max"]
-    if not all(v is None or isinstance(v, (int, float)) for v in (low, high)):
-        return None
-    return Pointwise(view.input(c["input"]), clip(low, high))
+    if c.op == "clamp":  # bounds from data are no fixed function of a channel's constant
+        low, high = c["min"], c["max"]
+        fn = clip(low, high) if all(v is None or isinstance(v, (int, float)) for v in (low, high)) else None
+    else:
+        fn = ACTIVATIONS[c["fn"]]
+    return None if fn is None else Pointwise(view.input(c["input"]), fn)
 
 
 def _per_channel(view: FxView, x, scale, shift):
@@ -393,9 +391,9 @@ def _scaled(view: FxView, node, a, b):
 
 def _div(view: FxView, node, c: Call):
     a, cb = c["input"], view.const(c["other"])
-    if view.const(a) is not None or cb is None or c["rounding_mode"] is not None:
-        return None
-    return _per_channel(view, a, 1.0 / _channel_const(view, a, cb), 0.0)
+    if view.const(a) is None and cb is not None and c["rounding_mode"] is None:
+        return _per_channel(view, a, 1.0 / _channel_const(view, a, cb), 0.0)
+    return None
 
 
 def _neg(view: FxView, node, c: Call):
@@ -404,13 +402,10 @@ def _neg(view: FxView, node, c: Call):
 
 def _regroup(view: FxView, node, c: Call):
     """A reshape that only regroups the leading dims of a channels-last value (tokens [B, N, C] -> [B*N, C])."""
-    x = view.input(c["input"])
-    before, after, layout = node_shape(x), node_shape(node), view.layout(x)
-    if before is None or after is None or len(after) < 2 or layout is None or layout.rank:
-        return None
-    if static_size(after[-1]) != layout.channels or node not in view.channels_last:
-        return None
-    return Regroup(x)
+    x, after = view.input(c["input"]), node_shape(node)
+    layout = view.layout(x)  # channels last (rank 0), and the same channels after: only leading dims moved
+    same = layout is not None and not layout.rank and after and static_size(after[-1]) == layout.channels
+    return Regroup(x) if same and node in view.channels_last else None
 
 
 def _cat(view: FxView, node, c: Call):
@@ -424,7 +419,7 @@ def _cat(view: FxView, node, c: Call):
 
 READERS = {"conv": _conv, "batch_norm": _batch_norm, "getitem": _getitem, "linear": _linear, "addmm": _matmul,
            "matmul": _matmul, "pad": _pad, "avg_pool": _avg_pool, "identity": _identity, "dropout": _dropout,
-           "activation": _activation, "clamp": _clamp, "add": _sum, "sub": _sum, "mul": _mul, "div": _div,
+           "activation": _activation, "clamp": _activation, "add": _sum, "sub": _sum, "mul": _mul, "div": _div,
            "neg": _neg, "cat": _cat, "regroup": _regroup}
 
 

@@ -20,7 +20,7 @@ from ..patterns import plan as P
 from ..patterns import rules as R
 from ..patterns.affine import AffineConv
 from .fx import SHAPE_META, FxView, same_shape, example_size, graph_stats, is_pure, node_shape, static_size
-from .report import FusionReport
+from ..patterns.report import FusionReport
 
 __all__ = ["run_rules", "fuse_graph_module", "FxAdapter"]
 

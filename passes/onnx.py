@@ -14,7 +14,7 @@ from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, padded, precision
-from .report import GraphStats
+from ..patterns.report import GraphStats
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
 

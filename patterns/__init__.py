@@ -1,4 +1,5 @@
-"""The IR-neutral algebra of repfuse: affine convolutions, their rules, the cost model and the planner."""
+"""The IR-neutral half of repfuse: the affine algebra and cost model, the rules (planners returning plans in
+a small vocabulary), the driver that runs them through an IR's adapter, and the report of a run."""
 
 from . import affine, cost, planner
 from .affine import AffineConv, Declined

@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from repfuse.backends import onnx as pipeline
-from repfuse.passes.report import Decline
+from repfuse.patterns.plan import Decline
 
 HEADER = '<ir_version: 9, opset_import: ["" : {opset}]>\n'
 BN = "float[4] {0}_scale, float[4] {0}_bias, float[4] {0}_mean, float[4] {0}_var"

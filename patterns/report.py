@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
-from ..patterns.plan import Decline
-from ..patterns.rules import RegionRow, RuleRow
+from .plan import Decline
+from .rules import RegionRow, RuleRow
 
 __all__ = ["GraphStats", "FusionReport", "RegionRow", "RuleRow", "Decline"]
 

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     opt.add_argument("--external-data", action="store_true",
                      help="store weights in OUT.data beside OUT (automatic above 2 GB)")
-    opt.add_argument("--explain", action="store_true", help="list every op left alone, with the reason")
+    opt.add_argument("--explain", action="store_true", help="list every op left alone, by rule and reason")
     opt.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
     _add_rule_options(opt)
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                       help="input size for --check (repeatable)")
     comp.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    comp.add_argument("--explain", action="store_true", help="list every op left alone, by rule and reason")
     comp.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
     _add_rule_options(comp)
     return parser
@@ -289,7 +290,7 @@ def _compile(args) -> int:
               file=sys.stderr)
         return 2
     if not args.quiet:
-        print(report.table())
+        print(report.table(explain=args.explain))
     status = 0
     if args.check:
         feeds = pipeline.random_feeds(str(source), shapes)

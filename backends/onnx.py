@@ -9,6 +9,7 @@ line that names the problem; the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import warnings
@@ -276,12 +277,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=()) -> onnx.ModelProto:
+def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=(),
+                  explain: bool = False) -> onnx.ModelProto:
     """Optimize an ONNX model (ModelProto, onnx_ir Model or path); returns a new ModelProto.
 
     `disable` / `enable`: rule names (repfuse.patterns.rules.RULES) to switch off or on; an
-    unknown name raises InputError.  The input is never modified.  Models over 2 GB cannot be
-    returned as one ModelProto: use the CLI or `optimize` + `save` for those.
+    unknown name raises InputError.  `explain=True` logs the report with every op left alone,
+    by rule and reason (logger "repfuse").  The input is never modified.  Models over 2 GB cannot
+    be returned as one ModelProto: use the CLI or `optimize` + `save` for those.
     """
     rules = rule_set(disable, enable)
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -293,6 +296,8 @@ def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=()) -
     else:
         raise TypeError(f"optimize_onnx takes a path, onnx.ModelProto or onnx_ir.Model, not {type(model_or_path)}")
     model, report = optimize(model, simplify_first=simplify, rules=rules)
+    if explain:
+        logging.getLogger("repfuse").warning("repfuse.optimize_onnx:\n%s", report.table(explain=True))
     proto = to_proto(model)
     proto.metadata_props.add(key="repfuse.regions_fused", value=str(len(report.regions)))
     return proto

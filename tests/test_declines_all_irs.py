@@ -6,6 +6,7 @@ and repfuse's ONNX pipeline, Relax through torch.export and TVM's frontend.  Num
 the unfused model on every IR.
 """
 
+import contextlib
 import io
 import sys
 import warnings
@@ -156,3 +157,26 @@ def test_relax(case):
     out = vm["main"](tvm.runtime.tensor(x.numpy()))
     assert_close((out if hasattr(out, "numpy") else out[0]).numpy(), ref)
     assert_declined(fuse.last_declines, case[2], case[3])
+
+
+def test_explain_on_every_entry_point(caplog, tmp_path):
+    """deploy(explain=True), optimize_onnx(explain=True), RepFuse(explain=True) and the CLI's --explain
+    all show the decline with its rule and reason."""
+    import logging
+
+    import onnx
+
+    model, x, _ = make(CASES[0])
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(src), dynamo=False, input_names=["x"])
+    with caplog.at_level(logging.WARNING, logger="repfuse"):
+        repfuse.deploy(model, (x,), explain=True)
+        repfuse.optimize_onnx(onnx.load(str(src)), explain=True)
+    assert caplog.text.count("affine: the second op pads with zeros where the first op's bias would be") == 2
+
+    from repfuse.backends.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--explain"]) == 0
+    assert "affine: the second op pads with zeros" in out.getvalue()

@@ -27,7 +27,8 @@ from torch import fx, nn
 
 from ..passes import fx as fxpass
 from ..patterns.report import FusionReport
-from ..passes.fx_write import fuse_graph_module, run_rules
+from ..patterns.rules import enabled
+from ..passes.fx_write import run_rules
 
 log = logging.getLogger("repfuse")
 
@@ -53,8 +54,6 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     that was left alone.  `disable` / `enable` switch rules by name
     (`repfuse.patterns.rules.RULES`; e.g. disable=["dead_channels"]).
     """
-    from ..patterns.rules import enabled
-
     rules = enabled(disable, enable)
     if not isinstance(model, nn.Module):
         raise TypeError(f"repfuse.deploy takes a torch.nn.Module, not {type(model).__name__} "
@@ -73,6 +72,47 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     if explain:
         log.warning("repfuse.deploy:\n%s", report.table(explain=True))
     return gm
+
+
+def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[str] | None = None) -> FusionReport:
+    """Rewrite `gm` in place with the enabled rules (default: patterns.rules defaults); returns the report.
+
+    Works on graphs from torch.fx.symbolic_trace, dynamo and torch.export.  Shapes come from node
+    meta; when they are missing, `example_inputs` are run through ShapeProp first.  Parameters that
+    require grad count as constants only under torch.no_grad().
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is not None and any(fxpass.node_shape(n) is None for n in placeholders):
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        ShapeProp(gm).propagate(*example_inputs)
+    before = fxpass.graph_stats(fxpass.FxView(gm))
+
+    def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
+        name = _free_name(gm, name)
+        gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        with gm.graph.inserting_before(before_node):
+            node = gm.graph.get_attr(name)
+        node.meta["val"] = tensor
+        return node
+
+    run, _ = run_rules(gm, None, constant_node, enabled() if rules is None else rules)
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
+        if name not in used:
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return FusionReport.of(before, fxpass.graph_stats(fxpass.FxView(gm)), run)
+
+
+def _free_name(gm: nn.Module, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
 
 
 def _capture(module: nn.Module, example_inputs: tuple, dynamic_shapes=None) -> fx.GraphModule:
@@ -242,8 +282,6 @@ def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     "disable": [rule names], "enable": [rule names]} (rules: repfuse.patterns.rules.RULES).
     `mode` (torch.compile's "default", "reduce-overhead", "max-autotune", ...) goes to inductor;
     torch.compile takes mode or options, not both."""
-    from ..patterns.rules import enabled
-
     options = dict(options or {})
     inner = _inner_compiler(options.pop("inner", "inductor"), mode)
     explain = bool(options.pop("explain", False))
@@ -283,7 +321,8 @@ def _inner_compiler(inner, mode: str | None = None) -> Callable:
         try:
             from . import tvm as tvm_backend
         except ImportError as e:
-            raise ValueError(f"repfuse backend: inner='tvm' needs apache-tvm: pip install 'repfuse[tvm]' ({e})") from None
+            raise ValueError(f"repfuse backend: inner='tvm' needs apache-tvm: pip install 'repfuse[tvm]' "
+                             f"({e})") from None
         return tvm_backend.compile_fx
     raise ValueError(f"repfuse backend: unknown inner compiler {inner!r} (use 'inductor', 'eager' or a callable)")
 
@@ -312,7 +351,8 @@ def _parameter_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
             continue
         arg = node.meta.get("grapharg")
         source = getattr(arg, "source", None)
-        if isinstance(value, nn.Parameter) or (source is not None and is_from_unspecialized_param_buffer_source(source)):
+        from_buffer = source is not None and is_from_unspecialized_param_buffer_source(source)
+        if isinstance(value, nn.Parameter) or from_buffer:
             idx.append(i)
     return idx
 

@@ -12,17 +12,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
 from ..patterns import plan as P
 from ..patterns import rules as R
 from ..patterns.affine import AffineConv
-from .fx import SHAPE_META, FxView, same_shape, example_size, graph_stats, is_pure, node_shape, static_size
-from ..patterns.report import FusionReport
+from .fx import SHAPE_META, FxView, example_size, is_pure, node_shape, same_shape, static_size
 
-__all__ = ["run_rules", "fuse_graph_module", "FxAdapter"]
+__all__ = ["run_rules", "FxAdapter"]
 
 ConstantNode = Callable[[str, torch.Tensor, fx.Node], fx.Node]
 _CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
@@ -237,43 +235,3 @@ def run_rules(gm: fx.GraphModule, constants: dict | None, constant_node: Constan
     it created (by node name)."""
     adapter = FxAdapter(gm, constants, constant_node)
     return R.run(adapter, rules, max_rounds), adapter.created
-
-
-def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[str] | None = None) -> FusionReport:
-    """Rewrite `gm` in place with the enabled rules (default: patterns.rules defaults); returns the report.
-
-    Works on graphs from torch.fx.symbolic_trace, dynamo and torch.export.  Shapes come from node
-    meta; when they are missing, `example_inputs` are run through ShapeProp first.  Parameters that
-    require grad count as constants only under torch.no_grad().
-    """
-    if example_inputs is not None and any(node_shape(n) is None for n in gm.graph.nodes if n.op == "placeholder"):
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        ShapeProp(gm).propagate(*example_inputs)
-    before = graph_stats(FxView(gm))
-
-    def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
-        name = _free_name(gm, name)
-        gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-        with gm.graph.inserting_before(before_node):
-            node = gm.graph.get_attr(name)
-        node.meta["val"] = tensor
-        return node
-
-    run, _ = run_rules(gm, None, constant_node, R.enabled() if rules is None else rules)
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
-        if name not in used:
-            delattr(gm, name)
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return FusionReport.of(before, graph_stats(FxView(gm)), run)
-
-
-def _free_name(gm: nn.Module, name: str) -> str:
-    candidate, i = name, 0
-    while hasattr(gm, candidate):
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate

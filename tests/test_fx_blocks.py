@@ -15,7 +15,7 @@ from torch import fx
 
 import blocks as B
 import repfuse
-from repfuse.passes.fx_write import fuse_graph_module
+from repfuse.backends.pytorch import fuse_graph_module
 
 CONV_TARGETS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.ops.aten.convolution.default,
                 torch.ops.aten.conv2d.default}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import repfuse
-from repfuse.passes.fx_write import fuse_graph_module
+from repfuse.backends.pytorch import fuse_graph_module
 from repfuse.patterns.rules import enabled
 
 from blocks import op_counts

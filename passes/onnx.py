@@ -1,9 +1,10 @@
-"""ONNX reader (onnx_ir): READERS maps an op type to what it means to the rules, in ONNX's vocabulary
-(initializers and Constant nodes are constants, attributes carry geometry, broadcasting decides what is
-per-channel); `OnnxView.foldable` is ONNX's folding policy.  Custom domains, quantized (Q/DQ) regions and
-anything unrecognized pass through; `passes.onnx_write` writes the plans back."""
+"""ONNX reader (onnx_ir): READERS maps an op type to what it means to the rules, in ONNX's vocabulary (initializers
+and Constant nodes are constants, attributes carry geometry, broadcasting decides what is per-channel);
+`OnnxView.foldable` is ONNX's folding policy.  Custom domains, Q/DQ regions and unknown ops pass through."""
 
 from __future__ import annotations
+
+from contextlib import suppress
 
 import numpy as np
 import onnx
@@ -13,7 +14,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, padded, precision
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, describe_or_none,
+                                need_layout, padded, precision, read_once)
 from ..patterns.report import GraphStats
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
@@ -22,17 +24,14 @@ QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul
 OVERRIDABLE = "is a graph input (overridable default)"
 
 
+def _constant(value: ir.Value | None) -> bool:  # const_array(value) is not None, without reading external data
+    return value is not None and not value.is_graph_input() and ir.convenience.get_const_tensor(value) is not None
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant an input holds (initializer or Constant node), else None.  An initializer that is also
     a graph input (IR >= 4) is a default the caller may override: a runtime input, never a constant."""
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
-def _constant(value: ir.Value | None) -> bool:  # const_array(value) is not None, without reading external data
-    return value is not None and not value.is_graph_input() and ir.convenience.get_const_tensor(value) is not None
+    return ir.convenience.get_const_tensor(value).numpy() if _constant(value) else None
 
 
 def overridable(value: ir.Value | None) -> bool:
@@ -40,8 +39,7 @@ def overridable(value: ir.Value | None) -> bool:
 
 
 def opset(graph: ir.Graph) -> int:
-    imports = graph.opset_imports
-    return imports.get("", imports.get("ai.onnx", onnx.defs.onnx_opset_version()))
+    return graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", onnx.defs.onnx_opset_version()))
 
 
 def _dims(value: ir.Value) -> list | None:
@@ -52,21 +50,20 @@ def _used(values) -> bool:
     return any(v is not None and (v.uses() or v.is_graph_output()) for v in values)
 
 
-# ---------------------------------------------------------------- batch dims (a dynamic conv's attention)
-
-_KEEPS_BATCH = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softmax",
-                "LogSoftmax", "Identity", "Dropout", "Cast", "BatchNormalization", "Conv", "ConvTranspose",
-                "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization",
-                "LayerNormalization", "Neg", "Abs", "Exp", "Sqrt", "Erf", "Elu", "Selu", "Softplus", "Gelu"}
+_KEEPS_BATCH = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softmax", "LogSoftmax",
+                "Identity", "Dropout", "Cast", "BatchNormalization", "Conv", "ConvTranspose", "MaxPool", "AveragePool",
+                "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization", "LayerNormalization", "Neg", "Abs",
+                "Exp", "Sqrt", "Erf", "Elu", "Selu", "Softplus", "Gelu"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "Squeeze"}
 
 
 def _carried_batch(node: ir.Node, key):
-    """The batch key of `node`'s first output when it is provably its input's dim 0, else None."""
+    """The batch key of `node`'s first output when it is provably its input's dim 0, else None (the batch of a
+    dynamic conv's attention)."""
     op, ins, a = node.op_type, node.inputs, node.attributes
     if node.domain not in ("", "ai.onnx") or not ins or ins[0] is None:
         return None
-    x, xd, od = ins[0], _dims(ins[0]), _dims(node.outputs[0])
+    xd, od = _dims(ins[0]), _dims(node.outputs[0])
     ok = op in _KEEPS_BATCH or op == "Gemm" and not a.get_int("transA", 0) or op == "Flatten" and a.get_int("axis", 1)
     if op == "MatMul":
         ok = len(xd or ()) >= 2 and ins[1] is not None and len(ins[1].shape or ()) == 2
@@ -90,16 +87,13 @@ def _carried_batch(node: ir.Node, key):
         ok = a.get_int("axis", 0) % len(xd) != 0 and (op == "Gather" or len({key(v) for v in ins}) == 1)
     elif op == "Transpose":
         ok = list(a.get_ints("perm", range(len(xd))[::-1]))[:1] == [0]
-    elif op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
-        if any(v is None or v.shape is None for v in ins):
-            return None
+    elif op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2 and all(v is not None for v in ins) \
+            and all(v.shape is not None for v in ins):
         # broadcasting from the right does not reach dim 0; a size-1 batch broadcasts
         keys = {key(v) for v in ins if len(v.shape) == len(od) and not (_dims(v)[0] == 1 and od[0] != 1)}
         return keys.pop() if len(keys) == 1 else None
-    return key(x) if ok else None
+    return key(ins[0]) if ok else None
 
-
-# ---------------------------------------------------------------- constant folding policy
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli"}
@@ -117,19 +111,13 @@ def _may_fold(node: ir.Node) -> bool:
 def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
     """Every value computed from constants only, with its array.  The candidates run in one onnx.reference
     evaluation; a node the evaluator cannot run, or whose output outgrows its inputs, stays with all it feeds."""
-    known: dict[ir.Value, np.ndarray | None] = {}  # inputs looked at: their array, None when not constant
     order, produced = [], set()
-
-    def leaf(v: ir.Value) -> bool:
-        if v not in known:
-            known[v] = const_array(v)
-        return known[v] is not None
-
     for node in graph:
-        if _may_fold(node) and all(v is None or v in produced or leaf(v) for v in node.inputs):
+        if _may_fold(node) and all(v is None or v in produced or _constant(v) for v in node.inputs):
             order.append(node)
             produced.update(node.outputs)
-    leaves = {v: a for v, a in known.items() if a is not None}
+    leaves = dict.fromkeys(v for node in order for v in node.inputs if v is not None and v not in produced)
+    leaves = {v: const_array(v) for v in leaves}  # the constants the candidates read
     known, results = dict(leaves), _evaluate(order, leaves, graph.opset_imports) if order else {}
     for node in order:
         ins = [v for v in node.inputs if v is not None]
@@ -159,22 +147,16 @@ def _evaluate(order: list[ir.Node], leaves: dict, opsets: dict[str, int]) -> dic
         model = onnx.helper.make_model(g, opset_imports=ids)
         return dict(zip(outs, ReferenceEvaluator(model).run(None, {i: feeds[i] for i in inputs})))
 
-    try:  # the common case: everything at once
+    with suppress(Exception):  # the common case: everything at once
         return run(protos, [o for n in order for o in n.outputs])
-    except Exception:
-        pass
     results = {}  # one node at a time, skipping what fails
     for node, proto in zip(order, protos):
-        try:
-            got = run([proto], list(node.outputs)) if all(i in feeds for i in proto.input if i) else {}
-        except Exception:
-            continue
-        results.update(got)
-        feeds.update((name(o), a) for o, a in got.items())
+        with suppress(Exception):
+            if all(i in feeds for i in proto.input if i):
+                results.update(got := run([proto], list(node.outputs)))
+                feeds.update((name(o), a) for o, a in got.items())
     return results
 
-
-# ---------------------------------------------------------------- the view
 
 _SAME_AXES = {"Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout", "Relu", "Sigmoid", "Tanh", "HardSwish",
               "HardSigmoid", "Clip"}  # the output is read on its inputs' axes
@@ -186,13 +168,9 @@ class OnnxView:
     """The rules' view of an onnx_ir graph; a key is a node's output value."""
 
     def __init__(self, graph: ir.Graph):
-        self.graph = graph
-        self.attached: dict[ir.Value, list[ir.Node]] = {}  # value -> nodes removed with it (border writes, MatMul)
-        self._values = [o for n in graph for o in n.outputs]
-        self._described: dict = {}
+        self.graph, self._values, self._described = graph, [o for n in graph for o in n.outputs], {}
         self._batch = self._folded = self._last = None  # computed when first asked
 
-    # -- GraphView
     def values(self):
         return self._values
 
@@ -209,15 +187,12 @@ class OnnxView:
         dims = _dims(value)
         if dims is None or len(dims) < 2 or value.dtype is not None and not value.dtype.is_floating_point():
             return None
-        last = len(dims) > 2 and self._channels_last().get(value, False)
-        if last is None:
-            return None  # read channels-first by one op and channels-last by another
+        last = len(dims) > 2 and self._channels_last().get(value, False)  # None: read both ways
         c = dims[-1] if last else dims[1]
-        return None if c is None else Layout(c, 0 if last else len(dims) - 2)
+        return None if last is None or c is None else Layout(c, 0 if last else len(dims) - 2)
 
     def foldable(self, value: ir.Value) -> bool:
-        if self._folded is None:
-            self._folded = _fold(self.graph)
+        self._folded = _fold(self.graph) if self._folded is None else self._folded
         return value in self._folded
 
     def folded(self, value: ir.Value) -> np.ndarray:
@@ -231,14 +206,7 @@ class OnnxView:
         return value.producer().op_type if value.producer() is not None else "input"
 
     def describe(self, value: ir.Value):
-        if value not in self._described:  # once per view: the planner asks again every round
-            try:
-                self._described[value] = self._read(value)
-            except Declined as e:
-                self._described[value] = str(e)
-        if isinstance(self._described[value], str):
-            raise Declined(self._described[value])
-        return self._described[value]
+        return read_once(self._described, value, self._read)
 
     def _read(self, value: ir.Value):
         node = value.producer()
@@ -258,8 +226,7 @@ class OnnxView:
             parent: dict = {}
 
             def find(v):
-                parent.setdefault(v, v)
-                while parent[v] is not v:
+                while parent.setdefault(v, v) is not v:
                     parent[v] = v = parent[parent[v]]
                 return v
 
@@ -280,16 +247,12 @@ class OnnxView:
         return self._last
 
     def _pair(self, node: ir.Node) -> ir.Value | None:
-        """The Add whose description absorbed this MatMul (an N-D linear's bias), or None."""
-        out = node.outputs[0]
-        if node.op_type != "MatMul" or not self.single_consumer(out):
+        """The Add read with this MatMul as one N-D linear (its description reads the MatMul's input), or None."""
+        if node.op_type != "MatMul" or not self.single_consumer(node.outputs[0]):
             return None
-        add = next(iter(out.uses())).node.outputs[0]
-        try:
-            self.describe(add)
-        except Declined:
-            return None
-        return add if self.attached.get(add) == [node] else None
+        add = next(iter(node.outputs[0].uses())).node
+        d = describe_or_none(self, add.outputs[0]) if add.op_type == "Add" else None
+        return add.outputs[0] if isinstance(d, Affine) and d.input is not node.outputs[0] else None
 
     def batch_key(self, value: ir.Value):
         """Equal for two values exactly when their batch dims provably are: the static size, or the symbol of the
@@ -297,17 +260,15 @@ class OnnxView:
         if self._batch is None:
             self._batch = {}
             for node in self.graph:
-                key = _carried_batch(node, self.batch_key)
-                if key is not None:
+                if (key := _carried_batch(node, self.batch_key)) is not None:
                     self._batch[node.outputs[0]] = key
         if value in self._batch:
             return self._batch[value]
-        d = value.shape[0] if value.shape is not None and len(value.shape) else None
+        d = value.shape[0] if value.shape else None
         if isinstance(d, int):
             return d
         return ("symbol", d.value) if getattr(d, "value", None) is not None else ("value", id(value))
 
-    # -- reader helpers
     def input(self, node: ir.Node) -> ir.Value:
         if node.inputs[0] is None or _constant(node.inputs[0]):
             raise Declined("input is a constant")
@@ -321,13 +282,11 @@ class OnnxView:
                                          "is not a constant"))
         return arr
 
-    def layout_of(self, value: ir.Value, channels_first: bool = False) -> Layout:
-        layout = self.layout(value)
-        if layout is None or channels_first and layout.rank != len(value.shape) - 2:
-            both = self._channels_last().get(value, False) is None
-            raise Declined("input is read both channels-first and channels-last (a MatMul over its last dim)"
-                           if both else "input shape or channel count unknown")
-        return layout
+    def need_layout(self, value: ir.Value) -> Layout:
+        """`planner.need_layout`, saying why when the value is read both channels-first and channels-last."""
+        if self.layout(value) is None and self._channels_last().get(value, False) is None:
+            raise Declined("input is read both channels-first and channels-last (a MatMul over its last dim)")
+        return need_layout(self, value)
 
     def pads(self, node, x, kernel, stride, dilation) -> affine.Pads:
         """ONNX pads [x1_begin, x2_begin, ..., x1_end, x2_end], or what auto_pad gives."""
@@ -348,13 +307,10 @@ class OnnxView:
         return tuple(out)
 
 
-# ---------------------------------------------------------------- readers: one per op type
-
 def _conv(view: OnnxView, node):
     x, w, a = view.input(node), view.const(node, 1, "conv weight"), node.attributes
     stride, dilation = (tuple(a.get_ints(k, [1] * (w.ndim - 2))) for k in ("strides", "dilations"))
-    pads = view.pads(node, x, w.shape[2:], stride, dilation)
-    bias = view.const(node, 2, "conv bias", optional=True)
+    pads, bias = view.pads(node, x, w.shape[2:], stride, dilation), view.const(node, 2, "conv bias", optional=True)
     return Affine(x, affine.conv(w, bias, stride, pads, dilation, a.get_int("group", 1)))
 
 
@@ -366,51 +322,45 @@ def _batchnorm(view: OnnxView, node):
         raise Declined("BatchNorm with training outputs (opset <= 13) uses batch statistics")
     scale, bias, mean, var = (view.const(node, i, "BatchNorm parameters") for i in range(1, 5))
     eps = node.attributes.get_float("epsilon", 1e-5)
-    return Affine(x, affine.batchnorm(mean, var, scale, bias, eps, view.layout_of(x, channels_first=True).rank))
+    return Affine(x, affine.batchnorm(mean, var, scale, bias, eps, view.need_layout(x).rank))
 
 
-def _identity(view: OnnxView, node, factor: float = 1.0):
-    x = view.input(node)
-    if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        mode = const_array(node.inputs[2])
-        if mode is None or bool(mode):
-            return None  # training mode, or a mode given at run time
-    return Affine(x, affine.scale(affine.identity(*view.layout_of(x)), factor))
+def _identity(view: OnnxView, node):
+    x, training = view.input(node), node.inputs[2] if node.op_type == "Dropout" and len(node.inputs) > 2 else None
+    if training is not None and (not _constant(training) or bool(const_array(training))):
+        return None  # training mode, or a mode given at run time
+    return Affine(x, affine.scale(affine.identity(*view.need_layout(x)), -1.0 if node.op_type == "Neg" else 1.0))
 
 
-def _elementwise(kind: str):
-    def read(view: OnnxView, node):
-        a, b = node.inputs[0], node.inputs[1]
-        for v in (a, b):
-            if overridable(v):
-                raise Declined(f"{kind} operand {v.name} {OVERRIDABLE}")
-        ca, cb = const_array(a), const_array(b)
-        if ca is None and cb is None:
-            if kind in ("add", "sub"):
-                # No shape test: shape inference names equal dynamic dims differently.  The planner only
-                # sums maps of one source whose channels and output sizes agree: no broadcast hides there.
-                return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
-            return _scaled(view, a, b) if kind == "mul" and a is not b else None
-        if ca is not None and cb is not None:
-            return None
-        x, c = (a, cb) if cb is not None else (b, ca)
-        layout = view.layout_of(x)
-        vector = affine.channel_vector(c, len(x.shape), layout.channels, layout.rank)
-        op = affine.elementwise(kind, vector, ca is not None, layout.rank)
-        mm = x.producer()
-        if op is not None and kind == "add" and len(x.shape) > layout.rank + 2 and mm is not None \
-                and mm.op_type == "MatMul" and view.single_consumer(x):
-            # MatMul + Add is how ONNX writes an N-D linear (and how it is written back): read as one op,
-            # so that a linear alone is a fixed point
-            try:
-                inner = _matmul(view, mm)
-            except Declined:
-                return Affine(x, op)
-            view.attached[node.outputs[0]] = [mm]
-            return Affine(inner.input, affine.compose(op, inner.op))
-        return None if op is None else Affine(x, op)
-
-    return read
+def _elementwise(view: OnnxView, node):
+    kind = node.op_type.lower()  # add, sub, mul, div
+    a, b = node.inputs[0], node.inputs[1]
+    for v in filter(overridable, (a, b)):
+        raise Declined(f"{kind} operand {v.name} {OVERRIDABLE}")
+    ca, cb = const_array(a), const_array(b)
+    if ca is None and cb is None:
+        if kind in ("add", "sub"):
+            # No shape test: shape inference names equal dynamic dims differently.  The planner only
+            # sums maps of one source whose channels and output sizes agree: no broadcast hides there.
+            return Sum((a, b), (1.0, 1.0 if kind == "add" else -1.0))
+        return _scaled(view, a, b) if kind == "mul" and a is not b else None
+    if ca is not None and cb is not None:
+        return None
+    x, c = (a, cb) if cb is not None else (b, ca)
+    layout = view.need_layout(x)
+    vector = affine.channel_vector(c, len(x.shape), layout.channels, layout.rank)
+    op = affine.elementwise(kind, vector, ca is not None, layout.rank)
+    mm = x.producer()
+    if op is not None and kind == "add" and len(x.shape) > layout.rank + 2 and mm is not None \
+            and mm.op_type == "MatMul" and view.single_consumer(x):
+        # MatMul + Add is how ONNX writes an N-D linear (and how it is written back): read as one op,
+        # so that a linear alone is a fixed point
+        try:
+            inner = _matmul(view, mm)
+        except Declined:
+            return Affine(x, op)
+        return Affine(inner.input, affine.compose(op, inner.op))
+    return None if op is None else Affine(x, op)
 
 
 def _scaled(view: OnnxView, a: ir.Value, b: ir.Value):
@@ -423,27 +373,27 @@ def _scaled(view: OnnxView, a: ir.Value, b: ir.Value):
     return None
 
 
-def _pointwise(name: str, form=lambda attributes: True):
-    return lambda view, node: Pointwise(view.input(node), ACTIVATIONS[name]) if form(node.attributes) else None
-
-
-def _clip(view: OnnxView, node):
-    a = node.attributes
-    if "min" in a or "max" in a:  # opset < 11
-        return Pointwise(view.input(node), clip(a.get_float("min", None), a.get_float("max", None)))
-    bounds = [node.inputs[i] if i < len(node.inputs) else None for i in (1, 2)]
-    if any(v is not None and not _constant(v) for v in bounds):
+def _pointwise(view: OnnxView, node):
+    """An activation: Clip with constant bounds, HardSigmoid in torch's form (the one patterns.channels names)."""
+    a, bounds = node.attributes, [node.inputs[i] if i < len(node.inputs) else None for i in (1, 2)]
+    if node.op_type == "Clip" and ("min" in a or "max" in a):  # opset < 11
+        fn = clip(a.get_float("min", None), a.get_float("max", None))
+    elif node.op_type == "Clip" and any(v is not None and not _constant(v) for v in bounds):
         return None  # data-dependent bounds
-    return Pointwise(view.input(node), clip(*(None if v is None else float(const_array(v).reshape(()))
-                                               for v in bounds)))
+    elif node.op_type == "Clip":
+        fn = clip(*(None if v is None else float(const_array(v).reshape(())) for v in bounds))
+    elif node.op_type != "HardSigmoid" or (np.isclose(a.get_float("alpha", 0.2), 1 / 6, rtol=1e-6)
+                                           and a.get_float("beta", 0.5) == 0.5):
+        fn = ACTIVATIONS[node.op_type.lower()]
+    else:
+        return None
+    return Pointwise(view.input(node), fn)
 
 
 def _concat(view: OnnxView, node):
-    n = len(node.outputs[0].shape or ())
-    if n < 2 or node.attributes.get_int("axis", 0) not in (1, 1 - n) or \
-            any(v is None or _constant(v) for v in node.inputs):
-        return None
-    return Concat(tuple(node.inputs))
+    n, inputs = len(node.outputs[0].shape or ()), tuple(node.inputs)
+    on_channels = n >= 2 and node.attributes.get_int("axis", 0) in (1, 1 - n)
+    return Concat(inputs) if on_channels and not any(v is None or _constant(v) for v in inputs) else None
 
 
 def _gemm(view: OnnxView, node):
@@ -471,13 +421,10 @@ def _matmul(view: OnnxView, node):
 
 
 def _regroup(view: OnnxView, node):
-    """Reshape / Flatten that only regroups the leading dims of a channels-last value ([B, N, C] -> [B*N, C]):
-    the last dim is kept, and both sides are read channels-last."""
+    """Reshape / Flatten that only regroups the leading dims of a channels-last value ([B, N, C] -> [B*N, C])."""
     x = node.inputs[0]
     before, after = (None, None) if x is None or _constant(x) else (view.layout(x), view.layout(node.outputs[0]))
-    if before is None or after is None or before.rank or after.rank or before.channels != after.channels:
-        return None
-    return Regroup(x)
+    return Regroup(x) if before is not None and before == after and before.rank == 0 else None
 
 
 def _average_pool(view: OnnxView, node):
@@ -486,7 +433,7 @@ def _average_pool(view: OnnxView, node):
     stride = tuple(a.get_ints("strides", [1] * len(kernel)))
     if any(d != 1 for d in a.get_ints("dilations", [1] * len(kernel))):
         raise Declined("dilated average pool")
-    pads, layout = view.pads(node, x, kernel, stride, (1,) * len(kernel)), view.layout_of(x, channels_first=True)
+    pads, layout = view.pads(node, x, kernel, stride, (1,) * len(kernel)), view.need_layout(x)
     if layout.rank != len(kernel):
         raise Declined("pool rank differs from the input's")
     if a.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and any(p != (0, 0) for p in pads):
@@ -519,13 +466,12 @@ def _pad(view: OnnxView, node):
     if any(u.node.op_type in _BORDER_WRITE for u in node.outputs[0].uses()):
         return None  # the border writes that follow decide what this is
     x, pads, value = _pad_geometry(view, node)
-    return padded(x, view.layout_of(x, channels_first=True).channels, pads, value)
+    return padded(x, view.need_layout(x).channels, pads, value)
 
 
 def _border_fill(view: OnnxView, last: ir.Node):
-    """Pad, then ScatterNDs (between Transposes) that write every border: padding with a per-channel
-    constant, as the torch exporters write DBB's BN-and-pad.  The writes are replayed on a NaN-filled
-    array of the padded shape and judged by `patterns.borders.border_fill`."""
+    """Pad, then ScatterNDs (between Transposes) that write every border: padding with a per-channel constant, as
+    the torch exporters write DBB's BN-and-pad.  The writes replayed on NaNs are judged by `border_fill`."""
     out = last.outputs[0]
     if any(u.node.op_type in _BORDER_WRITE for u in out.uses()) and view.single_consumer(out):
         return None  # not the end of the chain
@@ -557,26 +503,18 @@ def _border_fill(view: OnnxView, last: ir.Node):
             filled[tuple(np.moveaxis(idx, -1, 0))] = upd.reshape(idx.shape[:-1] + filled.shape[idx.shape[-1]:])
     if list(axes) != list(range(len(shape))):
         raise Declined("border writes end in a transposed layout")
-    fill = border_fill(filled, pads)
-    view.attached[out] = [pad] + chain[1:]
-    return PadWith(x, pads, fill, precision(np.finfo(view.const(scatters[0], 2, "scatter updates").dtype).eps))
+    eps = np.finfo(view.const(scatters[0], 2, "scatter updates").dtype).eps
+    return PadWith(x, pads, border_fill(filled, pads), precision(eps))
 
 
 READERS = {
-    "Conv": _conv, "BatchNormalization": _batchnorm, "Identity": _identity, "Dropout": _identity,
-    "Neg": lambda view, node: _identity(view, node, -1.0), "Add": _elementwise("add"), "Sub": _elementwise("sub"),
-    "Mul": _elementwise("mul"), "Div": _elementwise("div"), "Relu": _pointwise("relu"),
-    "Sigmoid": _pointwise("sigmoid"), "Tanh": _pointwise("tanh"), "HardSwish": _pointwise("hardswish"),
-    # torch's hardsigmoid only: the form patterns.channels names
-    "HardSigmoid": _pointwise("hardsigmoid", lambda a: np.isclose(a.get_float("alpha", 0.2), 1 / 6, rtol=1e-6)
-                              and a.get_float("beta", 0.5) == 0.5),
-    "Clip": _clip, "Concat": _concat, "Gemm": _gemm, "AveragePool": _average_pool,
+    "Conv": _conv, "BatchNormalization": _batchnorm, "Identity": _identity, "Dropout": _identity, "Neg": _identity,
+    **dict.fromkeys(("Add", "Sub", "Mul", "Div"), _elementwise), "Clip": _pointwise, "Concat": _concat, "Gemm": _gemm,
+    **dict.fromkeys(("Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid"), _pointwise), "AveragePool": _average_pool,
     "MatMul": lambda view, node: None if view._pair(node) is not None else _matmul(view, node),
     "Pad": _pad, "ScatterND": _border_fill, "Transpose": _border_fill, "Reshape": _regroup, "Flatten": _regroup,
 }
 
-
-# ---------------------------------------------------------------- statistics
 
 def graph_stats(model: ir.Model) -> GraphStats:
     """Ops by type, conv/gemm count, MACs per sample (where shapes are static), constant elements."""

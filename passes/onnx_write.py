@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Callable
 
 import numpy as np
@@ -11,7 +12,7 @@ import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 from ..patterns.affine import AffineConv
 from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, terms
 from ..patterns.rules import Run, enabled, run
-from .onnx import OnnxView, _used, opset
+from .onnx import OnnxView, opset
 
 __all__ = ["run_rules", "Adapter", "Emitter"]
 
@@ -24,9 +25,8 @@ def run_rules(model: ir.Model, rules: frozenset[str] | None = None,
 
 
 class Emitter:
-    """`patterns.plan.Emitter`: the nodes of one term (`start` names the value it replaces, whose name,
-    type and floating-point dtype they take), with unique names for everything created.  Their shapes are
-    the target's with their channel count, or the source's when the term regroups leading dims at the end."""
+    """`patterns.plan.Emitter`: one term's nodes, uniquely named, typed as the value `start` names and shaped as it
+    with their channel count (as the source when the term regroups leading dims at the end)."""
 
     def __init__(self, view: OnnxView, value_of: Callable):
         self.view, self.graph, self.value_of = view, view.graph, value_of
@@ -41,18 +41,15 @@ class Emitter:
         self.dtype = target.dtype.numpy() if floating else np.float32
 
     def name(self, what: str) -> str:
-        base = name = f"{self.stem}.repfuse.{what}"
-        for i in range(1, len(self.taken) + 2):
-            if name not in self.taken:
-                break
-            name = f"{base}_{i}"
+        base = f"{self.stem}.repfuse.{what}"
+        candidates = (f"{base}_{i}" if i else base for i in range(len(self.taken) + 1))
+        name = next(n for n in candidates if n not in self.taken)
         self.taken.add(name)
         return name
 
     def initializer(self, what: str, array: np.ndarray) -> ir.Value:
-        name, array = self.name(what), np.ascontiguousarray(array)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        name = self.name(what)
+        value = ir.val(name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
         self.graph.register_initializer(value)
         return value
 
@@ -72,7 +69,6 @@ class Emitter:
             None if channels is None else _resized(self.shaped, self.view.layout(self.shaped), channels)
         return out
 
-    # -- the vocabulary
     def constant(self, of: ir.Value) -> ir.Value:
         return self.initializer("folded", np.asarray(self.view.folded(of)))
 
@@ -186,8 +182,7 @@ def _same_dim(a, b) -> bool:
 
 
 def _resized(value: ir.Value, layout, channels: int) -> ir.Shape | None:
-    """`value`'s shape with `channels` on the channel axis `layout` names (the view's layout of the value
-    planned: a value written since is not in the view)."""
+    """`value`'s shape with `channels` on the channel axis of `layout` (the view's: later values are not in it)."""
     if value.shape is None:
         return None
     dims = list(value.shape)
@@ -224,40 +219,20 @@ class Adapter:
                 value = replaced.get(edit.value, edit.value)
                 value.shape = _resized(value, view.layout(edit.value), edit.channels)
                 continue
-            old = edit.value
+            old, name = edit.value, edit.value.name
             out.start(old, edit.term)
             new = emit(out, edit.term, out.value_of)
-            for node in out.nodes:
-                graph.insert_before(old.producer(), node)
-            _take_place(graph, old, new)
+            graph.insert_before(old.producer(), out.nodes)
+            # `new` is read wherever `old` was, with its type and shape; a graph output keeps its name
+            new.type = old.type if new.type is None else new.type
+            new.shape = old.shape if new.shape is None else new.shape
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            if any(o is new for o in graph.outputs):
+                old.name, new.name = None, name
             replaced[old] = new
-            _remove_dead(graph, [k.producer() for k in edit.erase] + [n for k in edit.erase
-                                                                      for n in view.attached.get(k, ())])
             if self.progress:
                 self.progress(len(replaced), total)
-        ir.passes.common.RemoveUnusedNodesPass()(self.model)
-        if rule == "constant_folding":
-            try:  # folded weights give the convs reading them channel counts, which the other rules need
+        ir.passes.common.RemoveUnusedNodesPass()(self.model)  # the erased nodes, and what only they read
+        if rule == "constant_folding":  # folded weights give the convs reading them channel counts, which the
+            with suppress(Exception):  # other rules need; shapes are a help, not a requirement
                 ir.passes.common.ShapeInferencePass()(self.model)
-            except Exception:  # shapes are a help, not a requirement
-                pass
-
-
-def _take_place(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """`new` is read wherever `old` was, with its type and shape; a graph output keeps its name."""
-    if new.type is None:
-        new.type = old.type
-    if new.shape is None:
-        new.shape = old.shape
-    name = old.name
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    if any(o is new for o in graph.outputs):
-        old.name, new.name = None, name
-
-
-def _remove_dead(graph: ir.Graph, nodes) -> None:
-    """Remove those of `nodes` nothing reads any more (a removed node frees its inputs: repeat)."""
-    left = list(dict.fromkeys(n for n in nodes if n is not None))
-    while dead := [n for n in left if n.graph is graph and not _used(n.outputs)]:
-        graph.remove(dead, safe=True)
-        left = [n for n in left if all(n is not d for d in dead)]

@@ -20,7 +20,7 @@ from ..patterns.affine import Declined
 from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, need_layout, padded,
-                                precision)
+                                precision, read_once)
 from .fx_dialects import CONV_MODULES, Call, normalize
 from ..patterns.report import GraphStats
 
@@ -126,16 +126,8 @@ class FxView:
         return op_kind(node, self.gm)
 
     def call(self, node: fx.Node) -> Call | None:
-        """The node in the common vocabulary (cached); raises Declined for a module that cannot be read."""
-        if node not in self._calls:
-            try:
-                self._calls[node] = normalize(node, self.gm)
-            except Declined as e:
-                self._calls[node] = e
-        found = self._calls[node]
-        if isinstance(found, Declined):
-            raise found
-        return found
+        """The node in the common vocabulary (read once); raises Declined for a module that cannot be read."""
+        return read_once(self._calls, node, lambda n: normalize(n, self.gm))
 
     def describe(self, node: fx.Node):
         if self.const(node) is not None:

@@ -147,7 +147,8 @@ class FxAdapter:
 
     def cannot_write(self, view: FxView, edit: P.Replace) -> str | None:
         for term in P.terms(edit.term):
-            if isinstance(term, P.Reshape) and _target_shape(node_shape(term.like), node_shape(_source(term))) is None:
+            if isinstance(term, P.Reshape) and _target_shape(node_shape(term.like),
+                                                             node_shape(P.source_of(term))) is None:
                 return "the region's output shape has dynamic dims its input does not give"
             op = term.op if isinstance(term, P.Apply) else term.static if isinstance(term, P.BatchedConv) else None
             if op is not None and P.lower(op)[0][0] == "conv" and op.rank not in _CONV_FN:
@@ -161,7 +162,7 @@ class FxAdapter:
                 _resize(replaced.get(edit.value, edit.value), view, edit.value, edit.channels)
                 continue
             old = edit.value
-            like, source = example_like(old), _source(edit.term)
+            like, source = example_like(old), P.source_of(edit.term)
             out = FxEmitter(self, view, old, like if like is not None else example_like(source), source)
             new = P.emit(out, edit.term, lambda key: replaced.get(key, key))
             new.meta.update({k: v for k, v in old.meta.items() if k in SHAPE_META + ("stack_trace", "nn_module_stack")})
@@ -189,11 +190,6 @@ def _target_shape(target, source):
         match = [j for j, s in enumerate(source[:-1]) if same_shape((s,), (d,))]
         sizes.append(static_size(d) if static_size(d) is not None else ("dim", match[0]) if match else -1)
     return sizes if sizes.count(-1) <= 1 else None
-
-
-def _source(term):
-    *_, innermost = P.terms(term)
-    return innermost if isinstance(innermost, fx.Node) else None
 
 
 def _erase(graph: fx.Graph, node: fx.Node) -> None:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..patterns.affine import AffineConv
-from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, terms
+from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, source_of, terms
 from ..patterns.rules import Run, enabled, run
 from .onnx import OnnxView, opset
 
@@ -35,7 +35,7 @@ class Emitter:
 
     def start(self, target: ir.Value, term) -> None:
         self.target, self.nodes, self.stem = target, [], target.producer().name or target.name or "repfuse"
-        self.source = _source(term)
+        self.source = source_of(term)
         self.shaped = self.source if any(isinstance(t, Reshape) for t in terms(term)) else target
         floating = target.dtype is not None and target.dtype.is_floating_point()
         self.dtype = target.dtype.numpy() if floating else np.float32
@@ -156,11 +156,6 @@ def _geometry(op: AffineConv) -> dict:
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 
 
-def _source(term) -> ir.Value | None:
-    *_, innermost = terms(term)
-    return innermost if isinstance(innermost, ir.Value) else None
-
-
 def _target_shape(like: ir.Value, source: ir.Value | None) -> list[int] | None:
     """Reshape sizes that give a value with the source's leading dims like's shape: a size, 0 (the source's
     dim there) or -1 (once); [] when the leading dims agree already; None when ONNX's Reshape cannot say it."""
@@ -201,7 +196,7 @@ class Adapter:
 
     def cannot_write(self, view: OnnxView, edit: Replace) -> str | None:
         for term in terms(edit.term):
-            if isinstance(term, Reshape) and _target_shape(term.like, _source(edit.term)) is None:
+            if isinstance(term, Reshape) and _target_shape(term.like, source_of(edit.term)) is None:
                 return "the region's output shape has dynamic dims its input does not give"
             if isinstance(term, BatchedConv):
                 if term.input.shape is None or len(term.input.shape) != term.static.rank + 2:

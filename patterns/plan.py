@@ -202,6 +202,12 @@ def emit(out: Emitter, term: Term, value_of: Callable[[Key], Any]) -> Any:
     return value_of(term)
 
 
+def source_of(term: Term) -> Key | None:
+    """The existing value a term reads (its innermost key); None for a Constant."""
+    *_, innermost = terms(term)
+    return None if isinstance(innermost, Constant) else innermost
+
+
 def terms(term: Term):
     """Every sub-term of `term`, outermost first."""
     yield term

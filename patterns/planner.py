@@ -15,7 +15,7 @@ on their own.  Boundaries only grow, so this reaches a fixed point.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, NamedTuple, Protocol, Sequence
+from typing import Callable, Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -161,6 +161,19 @@ def describe_or_none(view: GraphView, value: Key) -> Description | None:
         return view.describe(value)
     except Declined:
         return None
+
+
+def described_once(cache: dict, value: Key, read: Callable[[Key], Description | None]) -> Description | None:
+    """`read(value)` the first time, what `cache` kept of it after (a view is asked many times per rule);
+    a Declined is kept too and raised again."""
+    if value not in cache:
+        try:
+            cache[value] = read(value)
+        except Declined as e:
+            cache[value] = e
+    if isinstance(cache[value], Declined):
+        raise Declined(str(cache[value]))
+    return cache[value]
 
 
 # ---------------------------------------------------------------- results

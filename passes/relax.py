@@ -1,13 +1,9 @@
 """TVM Relax reader: one function's dataflow bindings as the planners' GraphView (keys are binding vars).
 
-Constants are `relax.Constant`s (module constants, or parameters bound with `relax.transform.BindParams`)
-and what numpy computes from them (`_FOLDS`); ops reading unbound parameters are declined with a reason.
-Only dataflow blocks are read; a var that leaves its block is a boundary.  Ops are recognized through the
-`_READERS` table.  A conv or matmul whose only reader adds a per-channel constant is read as ONE Affine
-at the add (the conv hidden from `values()`): that is how `relax_write` writes an op, so no rule sees a
-written op as two and the affine planner never rewrites it again.  Reshapes are not read as `Regroup`: TVM's
-frontend writes every N-D linear as reshape, matmul, reshape, which a region of that one linear would
-write again as it was, round after round.
+Constants are `relax.Constant`s (module constants, or parameters bound with `relax.transform.BindParams`) and what
+`_FOLDS` computes from them.  Only dataflow blocks are read.  A conv or matmul whose only reader adds a per-channel
+constant is one Affine at the add, as `relax_write` writes it.  Reshapes are not read as `Regroup`: TVM writes an
+N-D linear as reshape, matmul, reshape, which a region of that one linear would write again, round after round.
 """
 
 from __future__ import annotations
@@ -20,7 +16,8 @@ from ..patterns import affine as A
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import Affine, Concat, Layout, PadWith, Pointwise, Scaled, Sum, padded, precision
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Scaled, Sum, describe_or_none,
+                                read_once, need_layout, padded, precision)
 
 __all__ = ["RelaxView"]
 
@@ -34,16 +31,8 @@ def _constant(expr) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy") else None
 
 
-def _type(var):
-    return getattr(var, "ty", None) or getattr(var, "struct_info", None)  # `ty` since TVM 0.27
-
-
 def _dtype(var) -> str:
-    return str(getattr(_type(var), "dtype", ""))
-
-
-def _name(var) -> str:
-    return str(getattr(var, "name", None) or getattr(var, "name_hint", var))  # `name` since TVM 0.27
+    return str(getattr(getattr(var, "ty", None), "dtype", ""))
 
 
 def _static(dim) -> int | None:
@@ -53,7 +42,7 @@ def _static(dim) -> int | None:
 
 def _dims(var) -> list | None:
     """A tensor var's shape: ints where static, the symbolic PrimExprs elsewhere; None when unknown."""
-    ty = _type(var)
+    ty = getattr(var, "ty", None)  # TVM 0.27's struct info
     values = getattr(getattr(ty, "shape", None), "values", None) if isinstance(ty, relax.TensorType) else None
     return None if values is None else [d if _static(d) is None else _static(d) for d in values]
 
@@ -72,8 +61,7 @@ def _scalar(arg) -> float | None:
 
 def _prim(arg) -> int | None:
     """An integer argument, given as an IntImm or a PrimValue wrapping one."""
-    value = _scalar(arg)
-    return None if value is None or value != int(value) else int(value)
+    return None if (value := _scalar(arg)) is None or value != int(value) else int(value)
 
 
 def _same_dim(a, b) -> bool:
@@ -81,10 +69,8 @@ def _same_dim(a, b) -> bool:
     sa, sb = _static(a), _static(b)
     if sa is not None or sb is not None:
         return sa == sb
-    if a.same_as(b):
-        return True
     try:  # tvm.sym since TVM 0.27 (tvm.arith before)
-        return bool((getattr(tvm, "sym", None) or tvm.arith).Analyzer().can_prove_equal(a, b))
+        return a.same_as(b) or bool((getattr(tvm, "sym", None) or tvm.arith).Analyzer().can_prove_equal(a, b))
     except Exception:  # noqa: BLE001 - unprovable is "not the same"
         return False
 
@@ -96,8 +82,7 @@ def _same_shape(a, b) -> bool:
 
 
 def _direct_args(expr) -> list:
-    """What a binding reads directly: a call's arguments (and a tuple argument's items), a tuple's fields,
-    a tuple item's tuple."""
+    """What a binding reads directly: call arguments (a tuple argument's items), tuple fields, an item's tuple."""
     items = expr.args if isinstance(expr, relax.Call) else getattr(expr, "fields", [getattr(expr, "tuple_value", expr)])
     return [f for a in items for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
 
@@ -108,7 +93,7 @@ class RelaxView:
     def __init__(self, func: relax.Function):
         self.bound: dict[relax.Var, relax.Expr] = {}
         self._values: list[relax.Var] = []
-        self._users: dict[relax.Var, list] = {}  # var -> the vars of bindings reading it (None: the body)
+        self.users: dict[relax.Var, list] = {}  # var -> the vars of all bindings reading it (None: the body)
         self._hidden: set[relax.Var] = set()  # vars read somewhere other than as a direct argument
         self._const: dict[relax.Var, np.ndarray | None] = {}
         self._described: dict = {}  # var -> description or Declined (a view is read many times per rule)
@@ -119,7 +104,7 @@ class RelaxView:
                 value = getattr(binding, "value", None)
                 direct = _direct_args(value) if isinstance(binding, relax.VarBinding) else []
                 for v in relax.analysis.free_vars(value):  # match_cast and friends read too
-                    self._users.setdefault(v, []).append(binding.var)
+                    self.users.setdefault(v, []).append(binding.var)
                     if not any(v.same_as(d) for d in direct):
                         self._hidden.add(v)
                 if isinstance(binding, relax.VarBinding):
@@ -127,7 +112,7 @@ class RelaxView:
                     if isinstance(block, relax.DataflowBlock):
                         self._values.append(binding.var)
         for v in relax.analysis.free_vars(func.body.body):
-            self._users.setdefault(v, []).append(None)
+            self.users.setdefault(v, []).append(None)
             self._hidden.add(v)
         self._last = self._channels_last()
         for var in self._values:
@@ -140,18 +125,13 @@ class RelaxView:
         return [v for v in self._values if v not in self._host]
 
     def single_consumer(self, var) -> bool:
-        return isinstance(var, relax.DataflowVar) and len(self._users.get(var, ())) == 1
+        return isinstance(var, relax.DataflowVar) and len(self.users.get(var, ())) == 1
 
     def readers(self, var):
-        """The bindings reading `var` as a direct argument (keyed by their vars), or None when it leaves
-        its dataflow block (function output) or is read inside a nested expression we cannot see."""
+        """The bindings reading `var` as a direct argument; None when it leaves its block or a nested expr reads it."""
         if not isinstance(var, relax.DataflowVar) or var in self._hidden:
             return None
-        return list(dict.fromkeys(self._host.get(r, r) for r in self._users.get(var, [])))
-
-    def users(self, var) -> list:
-        """Every binding var reading `var` (None for the function's result), hidden ones included."""
-        return self._users.get(var, [])
+        return list(dict.fromkeys(self._host.get(r, r) for r in self.users.get(var, [])))
 
     def layout(self, var) -> Layout | None:
         dims = _dims(var)
@@ -161,8 +141,7 @@ class RelaxView:
         return Layout(dims[axis], len(dims) - 1 - axis) if isinstance(dims[axis], int) else None
 
     def foldable(self, var) -> bool:
-        """A dataflow var computing (with numpy, `_FOLDS`) a constant of its declared static shape; a layout
-        op over a Constant is one already (to every planner and to TVM's FoldConstant)."""
+        """A dataflow var computing (`_FOLDS`) a constant of its static shape, not a layout op over a Constant."""
         if not isinstance(var, relax.DataflowVar) or not isinstance(self.bound.get(var), relax.Call) \
                 or self._layout_of_constant(var):
             return False
@@ -170,7 +149,7 @@ class RelaxView:
         return value is not None and dims is not None and list(value.shape) == [_static(d) for d in dims]
 
     def label(self, var) -> str:
-        return _name(var)
+        return str(getattr(var, "name", None) or getattr(var, "name_hint", var))  # `name` since TVM 0.27
 
     def kind(self, var) -> str:
         expr = self.bound.get(self._bias_of.get(var, var))
@@ -179,14 +158,7 @@ class RelaxView:
         return (_op_name(expr) or type(expr).__name__).rsplit(".", 1)[-1]
 
     def describe(self, var):
-        if var not in self._described:
-            try:
-                self._described[var] = self._describe(var)
-            except Declined as e:
-                self._described[var] = e
-        if isinstance(self._described[var], Declined):
-            raise Declined(str(self._described[var]))
-        return self._described[var]
+        return read_once(self._described, var, self._describe)
 
     # -- reading
     def _describe(self, var):
@@ -197,31 +169,26 @@ class RelaxView:
         d = None if read is None else read(self, var, expr)
         if isinstance(d, Affine):  # what the op does must be what the tensors' layouts say
             for v, channels in ((var, d.op.out_channels), (d.input, d.op.in_channels)):
-                layout = self.layout(v)
-                if layout is not None and layout != (channels, d.op.rank):
+                if (layout := self.layout(v)) is not None and layout != (channels, d.op.rank):
                     raise Declined(f"{self.kind(var)} reads {layout.channels} channels and {layout.rank} spatial "
                                    f"dims where the op has {channels} and {d.op.rank}")
         return d
 
     def _read_with_bias(self, add):
         """conv / matmul + per-channel constant, the conv read by nothing else: one Affine at the add."""
-        try:
-            d = self.describe(add)
-            inner = d.input if isinstance(d, Affine) and d.op.per_channel() is not None else None
-            if _op_name(self.bound.get(inner)) not in _WEIGHTED or not self.single_consumer(inner):
-                return
-            di = self.describe(inner)
-        except Declined:
+        d = describe_or_none(self, add)
+        inner = d.input if isinstance(d, Affine) and d.op.per_channel() is not None else None
+        if _op_name(self.bound.get(inner)) not in _WEIGHTED or not self.single_consumer(inner):
             return
+        di = describe_or_none(self, inner)
         if isinstance(di, Affine) and A.check_compose(d.op, di.op) is None:
             self._described[add] = Affine(di.input, A.compose(d.op, di.op))
             self._bias_of[add] = inner
             self.attached[add] = [inner]
 
     def _channels_last(self) -> set:
-        """[B, ..., C] values (3-D and up) a matmul with a constant weight reads or writes, so channels are
-        their last axis, and the values elementwise ops chain to them; a value that a channels-first op
-        (conv, BatchNorm, pool, pad) reads or writes stays channels-first."""
+        """[B, ..., C] values (3-D and up) a matmul with a constant weight reads or writes and those elementwise
+        ops chain to them; a value that a channels-first op (conv, BatchNorm, pool, pad) touches stays so."""
         last, first, links = set(), set(), []
         for var, expr in self.bound.items():
             name = _op_name(expr)
@@ -232,13 +199,8 @@ class RelaxView:
                 links += [(a, var) for a in args if self.const(a) is None]
             elif name in _CHANNELS_FIRST or isinstance(expr, relax.TupleGetItem):
                 first.update(args + [var])
-        grown = True
-        while grown:  # forward and backward along the chains; `last` only grows
-            grown = False
-            for a, b in links + links[::-1]:
-                if (a in last) != (b in last) and not {a, b} & first:
-                    last.update((a, b))
-                    grown = True
+        while grow := [(a, b) for a, b in links if (a in last) != (b in last) and not {a, b} & first]:
+            last.update(v for link in grow for v in link)
         return {v for v in last - first if len(_dims(v) or ()) >= 3}
 
     def const(self, expr) -> np.ndarray | None:
@@ -247,19 +209,17 @@ class RelaxView:
             return _constant(expr)
         if expr not in self._const:
             bound = self.bound.get(expr)
-            self._const[expr] = None if bound is None else self._fold(bound)
+            self._const[expr] = self._fold(bound) if isinstance(bound, relax.Call) else self.const(bound)
         return self._const[expr]
 
-    def _fold(self, expr) -> np.ndarray | None:
+    def _fold(self, call: relax.Call) -> np.ndarray | None:
         """Evaluate a parameter-only computation with numpy (BN-and-pad fill values, transposed weights)."""
-        if not isinstance(expr, relax.Call):
-            return self.const(expr)
-        fold = _FOLDS.get(_op_name(expr))
-        args = [] if fold is None else [self._fold_arg(a) for a in expr.args]
+        fold = _FOLDS.get(_op_name(call))
+        args = [] if fold is None else [self._fold_arg(a) for a in call.args]
         if fold is None or any(a is None for a in args):
             return None
         try:
-            return np.asarray(fold(expr, *args))
+            return np.asarray(fold(call, *args))
         except (ValueError, TypeError):
             return None
 
@@ -270,18 +230,14 @@ class RelaxView:
             return None if None in dims else dims
         if isinstance(arg, relax.Tuple):
             ints = [_prim(f) for f in arg.fields]
-            if all(i is not None for i in ints):
-                return ints
-            items = [self.const(f) for f in arg.fields]
+            items = ints if None not in ints else [self.const(f) for f in arg.fields]
             return None if any(i is None for i in items) else items
         return self.const(arg) if _scalar(arg) is None else _scalar(arg)
 
     def _layout_of_constant(self, expr) -> bool:
         """A layout op over a Constant (or over such ops): folding it computes nothing."""
-        if _constant(expr) is not None:
-            return True
         call = self.bound.get(expr) if isinstance(expr, relax.Var) else None
-        return _op_name(call) in _LAYOUT and self._layout_of_constant(call.args[0])
+        return _constant(expr) is not None or _op_name(call) in _LAYOUT and self._layout_of_constant(call.args[0])
 
     def _input(self, arg) -> relax.Var:
         if not isinstance(arg, relax.Var) or self.const(arg) is not None:
@@ -289,19 +245,12 @@ class RelaxView:
         return arg
 
     def _need(self, arg, what: str) -> np.ndarray:
-        value = self.const(arg)
-        if value is None:
+        if (value := self.const(arg)) is None:
             raise Declined(f"{what} is not a constant (bind parameters with relax.transform.BindParams)")
         return value
 
-    def _layout(self, var) -> Layout:
-        layout = self.layout(var)
-        if layout is None:
-            raise Declined("input shape or channel count unknown")
-        return layout
-
     def _channel_axis(self, var, axis) -> bool:
-        rank, ndim = self._layout(var).rank, len(_dims(var))
+        rank, ndim = need_layout(self, var).rank, len(_dims(var))
         return int(axis) % ndim == ndim - 1 - rank
 
     # -- readers (the _READERS table): var, its bound expression -> a description, None, or Declined
@@ -312,22 +261,19 @@ class RelaxView:
             raise Declined(f"layout {a.data_layout}/{a.kernel_layout}")
         if str(a.out_layout) not in ("", str(a.data_layout)):
             raise Declined(f"out_layout {a.out_layout}")
-        x = self._input(call.args[0])
-        w = self._need(call.args[1], "conv weight")
-        pad = _ints(a.padding)  # conv2d: top, left, bottom, right; conv1d: left, right
-        pad = pad + pad if len(pad) == rank else pad
-        pads = tuple((pad[d], pad[d + rank]) for d in range(rank))
+        x, w = self._input(call.args[0]), self._need(call.args[1], "conv weight")
+        pad = _ints(a.padding)  # conv2d: top, left, bottom, right; conv1d: left, right (or one per dim)
+        pads = pad if len(pad) == rank else tuple(zip(pad[:rank], pad[rank:]))
         return Affine(x, A.conv(w, None, _ints(a.strides), pads, _ints(a.dilation), int(a.groups)))
 
     def _batch_norm(self, var, item: relax.TupleGetItem):
         tup = item.tuple_value
         if item.index != 0 or not isinstance(tup, relax.Var) or _op_name(self.bound.get(tup)) != "relax.nn.batch_norm":
             return None
-        if len(self._users.get(tup, ())) != 1:
+        if len(self.users.get(tup, ())) != 1:
             raise Declined("BatchNorm's running statistics outputs are used")
-        call = self.bound[tup]
-        a = call.attrs
-        if bool(getattr(a, "training", False)):
+        call, a = self.bound[tup], self.bound[tup].attrs
+        if getattr(a, "training", False):
             raise Declined("BatchNorm in training mode uses batch statistics")
         x = self._input(call.args[0])
         if not self._channel_axis(x, a.axis):
@@ -335,7 +281,7 @@ class RelaxView:
         gamma, beta, mean, variance = (self._need(arg, "BatchNorm parameters") for arg in call.args[1:5])
         self.attached[var] = [tup]
         return Affine(x, A.batchnorm(mean, variance, gamma if a.scale else None, beta if a.center else None,
-                                     float(a.epsilon), self._layout(x).rank))
+                                     float(a.epsilon), need_layout(self, x).rank))
 
     def _binary(self, var, call):
         kind = _ELEMENTWISE[call.op.name]
@@ -349,13 +295,9 @@ class RelaxView:
             return self._scaled(var, a, b) if kind == "mul" else None
         if ca is not None and cb is not None:
             return None
-        x, c, const_first = (a, cb, False) if cb is not None else (b, ca, True)
-        x = self._input(x)
-        layout, ndim = self._layout(x), len(_dims(x))
-        c = np.asarray(c)
-        if c.size > 1 and c.ndim <= ndim:  # the channel axis to where channel_vector looks for it (axis 1)
-            c = np.moveaxis(c.reshape((1,) * (ndim - c.ndim) + c.shape), ndim - 1 - layout.rank, 1)
-        op = A.elementwise(kind, A.channel_vector(c, ndim, layout.channels), const_first, layout.rank)
+        x, c, const_first = (self._input(a), cb, False) if cb is not None else (self._input(b), ca, True)
+        channels, rank = need_layout(self, x)
+        op = A.elementwise(kind, A.channel_vector(c, len(_dims(x)), channels, rank), const_first, rank)
         return None if op is None else Affine(x, op)
 
     def _scaled(self, var, a, b):
@@ -379,8 +321,7 @@ class RelaxView:
         return Pointwise(self._input(call.args[0]), clip(low, high))
 
     def _matmul(self, var, call):
-        x, w = call.args
-        w = self.const(w)
+        x, w = call.args[0], self.const(call.args[1])
         if w is None or w.ndim != 2:
             return None  # a product of two tensors (attention) is not affine
         x = self._input(x)
@@ -389,8 +330,7 @@ class RelaxView:
         return Affine(x, A.linear(w.T))  # x @ W == linear(x, W.T), over the last axis
 
     def _gather(self, var, call):
-        """Rows taken at constant indices along a spatial axis: how TVM's torch frontend writes reflect,
-        replicate and circular padding, none of them zeros (other gathers are not affine ops here)."""
+        """Constant-index rows along a spatial axis: TVM's torch frontend's reflect / replicate / circular padding."""
         x, rows = call.args[0], self.const(call.args[1])
         layout, dims = self.layout(x), _dims(x)
         if rows is None or rows.ndim != 1 or layout is None or self.const(x) is not None or call.attrs.axis is None:
@@ -400,9 +340,9 @@ class RelaxView:
         if axis < len(dims) - layout.rank or not isinstance(n, int):
             return None
         b = next((b for b in range(len(rows) - n + 1) if np.array_equal(rows[b:b + n], np.arange(n))), None)
-        a = None if b is None else len(rows) - n - b
-        if not a and not b:
-            return None
+        if b is None or len(rows) == n:
+            return None  # not the input's rows with some added before or after
+        a = len(rows) - n - b
         for mode, (before, after) in {"reflect": (np.arange(b, 0, -1), np.arange(n - 2, n - 2 - a, -1)),
                                       "replicate": (np.zeros(b), np.full(a, n - 1)),
                                       "circular": (np.arange(n - b, n), np.arange(a))}.items():
@@ -418,7 +358,7 @@ class RelaxView:
             raise Declined("dilated average pool")
         x = self._input(call.args[0])
         pad = _ints(a.padding)
-        return Affine(x, A.avg_pool(self._layout(x).channels, 2, _ints(a.pool_size), _ints(a.strides),
+        return Affine(x, A.avg_pool(need_layout(self, x).channels, 2, _ints(a.pool_size), _ints(a.strides),
                                     ((pad[0], pad[2]), (pad[1], pad[3])), count_include_pad=bool(a.count_include_pad),
                                     ceil_mode=bool(a.ceil_mode), input_size=_dims(x)[2:]))
 
@@ -427,7 +367,7 @@ class RelaxView:
         if str(a.pad_mode) != "constant":
             raise Declined(f"{a.pad_mode} padding")
         x = self._input(call.args[0])
-        rank = self._layout(x).rank
+        rank = need_layout(self, x).rank
         width = _ints(a.pad_width)  # before/after for every axis: [b0, a0, b1, a1, ...]
         if len(width) != 2 * (rank + 2) or any(width[:4]):
             raise Declined("padding touches batch or channel dims")
@@ -438,15 +378,15 @@ class RelaxView:
         return x, tuple((width[2 * d], width[2 * d + 1]) for d in range(2, rank + 2)), float(a.pad_value)
 
     def _pad(self, var, call):
-        if any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(var, [])):
+        if any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self.users.get(var, [])):
             return None  # the border writes that follow decide what this is
         x, pads, value = self._pad_geometry(call)
-        return padded(x, self._layout(x).channels, pads, value)
+        return padded(x, need_layout(self, x).channels, pads, value)
 
     def _slice_scatter(self, var, call):
         """nn.pad followed by slice_scatters that write every border (DBB's BN-and-pad after torch.export)."""
         if self.single_consumer(var) and \
-                any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self._users.get(var, [])):
+                any(_op_name(self.bound.get(u)) == "relax.slice_scatter" for u in self.users.get(var, [])):
             return None  # not the end of the chain
         chain, data = [(var, call)], call.args[0]
         while _op_name(self.bound.get(data)) == "relax.slice_scatter":
@@ -466,9 +406,8 @@ class RelaxView:
             start, end, step = (_prim(a) for a in write.args[2:5])
             if src is None or None in (start, end, step):
                 raise Declined("border write of a non-constant value or at a dynamic position")
-            index = [slice(None)] * len(shape)
-            index[int(write.attrs.axis) % len(shape)] = slice(start, end, step)
-            filled[tuple(index)] = src
+            axis = int(write.attrs.axis) % len(shape)
+            filled[(slice(None),) * axis + (slice(start, end, step),)] = src
         fill = border_fill(filled, pads)
         self.attached[var] = [data] + [v for v, _ in chain[1:]]
         return PadWith(x, pads, fill, precision(np.finfo(_dtype(data)).eps))
@@ -493,24 +432,18 @@ def _strided_slice(e, a, axes, begin, end, strides=None):
 
 
 def _take(e, a, idx):
-    axis = e.attrs.axis
-    n = a.size if axis is None else a.shape[int(axis)]
-    if np.any(idx < 0) or np.any(idx >= n):
+    axis = None if e.attrs.axis is None else int(e.attrs.axis)
+    if np.any(idx < 0) or np.any(idx >= (a.size if axis is None else a.shape[axis])):
         raise ValueError("index out of range: TVM's modes differ from numpy's")
-    return np.take(a, idx, axis=None if axis is None else int(axis))
+    return np.take(a, idx, axis=axis)
 
 
 _FOLDS = {
-    "relax.add": lambda e, a, b: a + b,
-    "relax.subtract": lambda e, a, b: a - b,
-    "relax.multiply": lambda e, a, b: a * b,
-    "relax.divide": lambda e, a, b: a / b,
-    "relax.sqrt": lambda e, a: np.sqrt(a),
-    "relax.abs": lambda e, a: np.abs(a),
+    "relax.add": lambda e, a, b: a + b, "relax.subtract": lambda e, a, b: a - b,
+    "relax.multiply": lambda e, a, b: a * b, "relax.divide": lambda e, a, b: a / b,
+    "relax.sqrt": lambda e, a: np.sqrt(a), "relax.abs": lambda e, a: np.abs(a), "relax.negative": lambda e, a: -a,
     "relax.arange": lambda e, start, end, step: np.arange(start, end, step).astype(str(e.attrs.dtype)),
-    "relax.negative": lambda e, a: -a,
-    "relax.reshape": lambda e, a, s: a.reshape(s),
-    "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, s),
+    "relax.reshape": lambda e, a, s: a.reshape(s), "relax.broadcast_to": lambda e, a, s: np.broadcast_to(a, s),
     "relax.permute_dims": lambda e, a: np.transpose(a, None if e.attrs.axes is None else _ints(e.attrs.axes)),
     "relax.astype": lambda e, a: a.astype(str(e.attrs.dtype)),
     "relax.strided_slice": _strided_slice,  # one-shot NAS weight slicing
@@ -526,24 +459,14 @@ _LAYOUT = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.sq
 
 # elementwise activations, by the name patterns.channels.ACTIVATIONS knows them
 _ACTIVATION = {"relax.nn.relu": "relu", "relax.sigmoid": "sigmoid", "relax.tanh": "tanh", "relax.nn.silu": "silu"}
-
 _ELEMENTWISE = {"relax.add": "add", "relax.subtract": "sub", "relax.multiply": "mul", "relax.divide": "div"}
-
 _WEIGHTED = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul")  # what the writer writes with a bias add
-
 _CHANNELS_FIRST = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.batch_norm", "relax.nn.avg_pool2d",
                    "relax.nn.pad", "relax.slice_scatter")
 
 _READERS = {
-    "relax.nn.conv2d": RelaxView._conv,
-    "relax.nn.conv1d": RelaxView._conv,
-    **{name: RelaxView._binary for name in _ELEMENTWISE},
-    "relax.matmul": RelaxView._matmul,
-    "relax.take": RelaxView._gather,
-    "relax.nn.avg_pool2d": RelaxView._avg_pool,
-    "relax.nn.pad": RelaxView._pad,
-    "relax.concat": RelaxView._concat,
-    "relax.slice_scatter": RelaxView._slice_scatter,
-    "relax.clip": RelaxView._clip,
-    **{name: RelaxView._activation for name in _ACTIVATION},
+    "relax.nn.conv2d": RelaxView._conv, "relax.nn.conv1d": RelaxView._conv, "relax.matmul": RelaxView._matmul,
+    "relax.take": RelaxView._gather, "relax.nn.avg_pool2d": RelaxView._avg_pool, "relax.nn.pad": RelaxView._pad,
+    "relax.concat": RelaxView._concat, "relax.slice_scatter": RelaxView._slice_scatter, "relax.clip": RelaxView._clip,
+    **{name: RelaxView._binary for name in _ELEMENTWISE}, **{name: RelaxView._activation for name in _ACTIVATION},
 }

@@ -1,11 +1,6 @@
-"""TVM Relax writer and entry (`run_rules`): the plans of `repfuse.patterns.rules` written back as bindings.
-
-Each write is one walk by `_Writer`, an expression mutator that is also Relax's `patterns.plan` Emitter: a
-replaced var is bound to what `plan.emit` builds (helpers bound with the block builder), a var folded to
-a constant becomes it at every use, erased bindings go, and `remove_all_unused` drops what nothing reads.
-A value that lost channels (`Resize`) needs nothing: re-emitting a binding re-derives its type.  What
-Relax cannot express (conv rank, per-sample kernels over a symbolic batch) is a `cannot_write` reason,
-given before anything is written.
+"""TVM Relax writer and entry (`run_rules`): the plans of `repfuse.patterns.rules` written back as bindings by
+`_Writer`, a mutator that is also the `patterns.plan` Emitter.  What Relax cannot express (conv rank, per-sample
+kernels over a symbolic batch) is a `cannot_write` reason, given before any write.
 """
 
 from __future__ import annotations
@@ -16,7 +11,7 @@ from tvm import relax
 
 from ..patterns import rules as R
 from ..patterns.plan import Apply, BatchedConv, Constant, Replace, Reshape, emit, lower, terms
-from .relax import RelaxView, _dims, _dtype, _name, _same_dim
+from .relax import RelaxView, _dims, _dtype, _same_dim
 
 __all__ = ["run_rules"]
 
@@ -71,52 +66,40 @@ def _batched_reason(term: BatchedConv, root) -> str | None:
     return None
 
 
-def _dropped(view: RelaxView, edits: list) -> set:
-    """The bindings the edits erase (with what the view attached to them: a bias add's conv, border writes,
-    a BatchNorm's tuple), less the replaced values and anything a binding that stays still reads."""
-    replaced = {e.value for e in edits}
-    gone = {a for e in edits for n in e.erase for a in [n, *view.attached.get(n, ())]} - replaced
-    while True:
-        stay = {n for n in gone if any(u not in gone and u not in replaced for u in view.users(n))}
-        if not stay:
-            return gone
-        gone -= stay
-
-
 @relax.expr_functor.mutator
 class _Writer(relax.PyExprMutator):
-    """One walk writing one rule's edits; its methods are the `patterns.plan.Emitter` of Relax (each
-    returns an unbound expression and binds the ones it reads)."""
+    """One walk writing one rule's edits: a replaced var is bound to what `plan.emit` builds, a var folded to a
+    constant becomes it at every use, erased bindings go; Emitter methods bind what they read, not what they return."""
 
     def __init__(self, mod, view: RelaxView, edits: list):
         super().__init__(mod)
         self.view = view
         self.edits = {e.value: e for e in edits if isinstance(e, Replace)}
-        self.dropped = _dropped(view, list(self.edits.values()))
+        # erased bindings, with what the view attached to them, less what a binding that stays still reads
+        gone = {a for e in self.edits.values() for n in e.erase for a in [n, *view.attached.get(n, ())]}
+        gone -= self.edits.keys()
+        while stay := {n for n in gone if any(u not in gone and u not in self.edits for u in view.users.get(n, ()))}:
+            gone -= stay
+        self.dropped = gone
         self.constants: dict[relax.Var, relax.Expr] = {}
         self.target: relax.Var | None = None  # the var whose edit is being emitted
 
     def visit_dataflow_var_(self, op):
-        const = self.constants.get(op)
-        return const if const is not None else super().visit_dataflow_var_(op)
+        return self.constants[op] if op in self.constants else super().visit_dataflow_var_(op)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        var = binding.var
-        edit = self.edits.get(var)
+        var, edit = binding.var, self.edits.get(binding.var)
         if var in self.dropped:
             return
         if edit is None:
-            super().visit_var_binding_(binding)  # re-derives the type when an input lost channels
-            return
+            return super().visit_var_binding_(binding)  # re-derives the type when an input lost channels
         self.target = var
         value = emit(self, edit.term, self.visit_expr)  # visit_expr follows earlier replacements
         if isinstance(edit.term, Constant):
             self.constants[var] = value
-            return
-        name = _name(var)
-        new = self.builder_.emit(value, name) if isinstance(var, relax.DataflowVar) else \
-            self.builder_.emit_output(value, name)
-        self.set_var_remap(var, new)
+        else:
+            bind = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+            self.set_var_remap(var, bind(value, self.view.label(var)))
 
     # -- the Emitter
     def _let(self, x: relax.Expr) -> relax.Expr:
@@ -129,11 +112,17 @@ class _Writer(relax.PyExprMutator):
     def _vector(self, v: np.ndarray, rank: int) -> relax.Expr:
         return self._const(v.reshape((-1,) + (1,) * rank))  # [C, 1 x rank]: broadcasts over [N, C, *spatial]
 
+    def _conv(self, x: relax.Expr, weight: relax.Expr, op, groups: int) -> relax.Call:
+        """conv2d / conv1d with op's geometry (cannot_write checked the rank)."""
+        make = relax.op.nn.conv2d if op.rank == 2 else relax.op.nn.conv1d
+        pads = [b for b, _ in op.pads] + [e for _, e in op.pads]  # every dim's begin, then every end
+        return make(x, weight, strides=list(op.stride), padding=pads, dilation=list(op.dilation), groups=groups)
+
     def constant(self, of) -> relax.Expr:
         return self._const(self.view.const(of))
 
     def conv(self, x, op) -> relax.Expr:
-        y = _conv(self._let(x), self._const(op.weight), op, op.groups)  # weight [O, I/g, *k]
+        y = self._conv(self._let(x), self._const(op.weight), op, op.groups)  # weight [O, I/g, *k]
         return relax.op.add(self._let(y), self._vector(op.bias, op.rank)) if np.any(op.bias) else y
 
     def linear(self, x, weight, bias) -> relax.Expr:
@@ -154,21 +143,17 @@ class _Writer(relax.PyExprMutator):
         """x (the fused op on the source, the source's leading dims) regrouped to like's shape."""
         x, want = self.builder_.normalize(x), _dims(like)  # normalize: x's type without binding it
         have = _dims(x)
-        return x if len(have) == len(want) and all(map(_same_dim, have, want)) else \
-            relax.op.reshape(self._let(x), want)
+        return x if len(have) == len(want) and all(map(_same_dim, have, want)) else relax.op.reshape(self._let(x), want)
 
     def batched_conv(self, x, term: BatchedConv) -> relax.Expr:
-        """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g); the
-        spatial sizes may be symbolic (cannot_write checked the batch is static)."""
+        """conv(x as [1, N*C, ...], per-sample kernels [N*O, I/g, *k], groups N*g): static N, any spatial sizes."""
         (n, c, *spatial), out = _dims(term.input), _dims(self.target)
-        static = term.static
-        k, o = term.biases.shape
+        static, (k, o) = term.static, term.biases.shape
         size = static.weight.size  # O * I/g * prod(kernel)
         table = np.concatenate([term.weights.reshape(k, size), term.biases], axis=1)  # [K, L + O]
         pis = [self._let(relax.op.reshape(self.visit_expr(s), [n, 1])) for s in term.scales]  # K x [N, 1]
         pi = self._let(relax.op.concat(pis, axis=1))  # [N, K]
-        # einsum, not matmul: the kernel mix is weight arithmetic, not one of the network's convs or linears
-        # (the reference deploy form writes it the same way; conv/linear counts treat R.matmul as a linear)
+        # einsum, not matmul: weight arithmetic, not a network layer (the reports count R.matmul as a linear)
         wb = self._let(relax.op.einsum([pi, self._const(table)], "nk,kl->nl"))  # [N, L + O]
         if term.has_static_weight or np.any(static.bias):
             fixed = np.concatenate([static.weight.reshape(1, size), static.bias.reshape(1, o)], axis=1)  # [1, L + O]
@@ -178,12 +163,5 @@ class _Writer(relax.PyExprMutator):
         bias = self._let(relax.op.strided_slice(wb, axes=[1], begin=[size], end=[size + o]))  # [N, O]
         bias = self._let(relax.op.reshape(bias, [n * o] + [1] * static.rank))  # [N*O, 1 x rank]
         x = self._let(relax.op.reshape(self._let(x), [1, n * c, *spatial]))  # [1, N*C, *spatial]
-        y = self._let(_conv(x, kernel, static, n * static.groups))  # [1, N*O, *spatial']
+        y = self._let(self._conv(x, kernel, static, n * static.groups))  # [1, N*O, *spatial']
         return relax.op.reshape(self._let(relax.op.add(y, bias)), out)  # [N, O, *spatial']
-
-
-def _conv(x: relax.Expr, weight: relax.Expr, op, groups: int) -> relax.Call:
-    """conv2d / conv1d with op's geometry (cannot_write checked the rank)."""
-    make = relax.op.nn.conv2d if op.rank == 2 else relax.op.nn.conv1d
-    pads = [b for b, _ in op.pads] + [e for _, e in op.pads]  # every dim's begin, then every end
-    return make(x, weight, strides=list(op.stride), padding=pads, dilation=list(op.dilation), groups=groups)

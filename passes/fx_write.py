@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..patterns import plan as P
-from ..patterns import rules as R
+from ..patterns.rules import Run, enabled, run
 from ..patterns.affine import AffineConv
 from .fx import SHAPE_META, FxView, example_size, is_pure, node_shape, same_shape, static_size
 
@@ -226,8 +226,8 @@ def _resize(node: fx.Node, view: FxView, old: fx.Node, channels: int) -> None:
 # ---------------------------------------------------------------- entry points
 
 def run_rules(gm: fx.GraphModule, constants: dict | None, constant_node: ConstantNode,
-              rules: frozenset[str] = R.enabled(), max_rounds: int = 4) -> tuple[R.Run, dict[str, torch.Tensor]]:
+              rules: frozenset[str] = enabled(), max_rounds: int = 4) -> tuple[Run, dict[str, torch.Tensor]]:
     """Rewrite `gm` in place with the enabled rules, to a fixed point; returns the run and the constants
     it created (by node name)."""
     adapter = FxAdapter(gm, constants, constant_node)
-    return R.run(adapter, rules, max_rounds), adapter.created
+    return run(adapter, rules, max_rounds), adapter.created

@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..patterns import affine as A
+from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
@@ -59,7 +59,7 @@ def _scalar(arg) -> float | None:
     return _scalar(value) if value is not None and not isinstance(value, (int, float)) else None
 
 
-def _prim(arg) -> int | None:
+def _int_arg(arg) -> int | None:
     """An integer argument, given as an IntImm or a PrimValue wrapping one."""
     return None if (value := _scalar(arg)) is None or value != int(value) else int(value)
 
@@ -181,8 +181,8 @@ class RelaxView:
         if _op_name(self.bound.get(inner)) not in _WEIGHTED or not self.single_consumer(inner):
             return
         di = describe_or_none(self, inner)
-        if isinstance(di, Affine) and A.check_compose(d.op, di.op) is None:
-            self._described[add] = Affine(di.input, A.compose(d.op, di.op))
+        if isinstance(di, Affine) and affine.check_compose(d.op, di.op) is None:
+            self._described[add] = Affine(di.input, affine.compose(d.op, di.op))
             self._bias_of[add] = inner
             self.attached[add] = [inner]
 
@@ -229,7 +229,7 @@ class RelaxView:
             dims = [_static(d) for d in arg.values]
             return None if None in dims else dims
         if isinstance(arg, relax.Tuple):
-            ints = [_prim(f) for f in arg.fields]
+            ints = [_int_arg(f) for f in arg.fields]
             items = ints if None not in ints else [self.const(f) for f in arg.fields]
             return None if any(i is None for i in items) else items
         return self.const(arg) if _scalar(arg) is None else _scalar(arg)
@@ -264,7 +264,7 @@ class RelaxView:
         x, w = self._input(call.args[0]), self._need(call.args[1], "conv weight")
         pad = _ints(a.padding)  # conv2d: top, left, bottom, right; conv1d: left, right (or one per dim)
         pads = pad if len(pad) == rank else tuple(zip(pad[:rank], pad[rank:]))
-        return Affine(x, A.conv(w, None, _ints(a.strides), pads, _ints(a.dilation), int(a.groups)))
+        return Affine(x, affine.conv(w, None, _ints(a.strides), pads, _ints(a.dilation), int(a.groups)))
 
     def _batch_norm(self, var, item: relax.TupleGetItem):
         tup = item.tuple_value
@@ -280,7 +280,7 @@ class RelaxView:
             raise Declined("BatchNorm over a non-channel axis")
         gamma, beta, mean, variance = (self._need(arg, "BatchNorm parameters") for arg in call.args[1:5])
         self.attached[var] = [tup]
-        return Affine(x, A.batchnorm(mean, variance, gamma if a.scale else None, beta if a.center else None,
+        return Affine(x, affine.batchnorm(mean, variance, gamma if a.scale else None, beta if a.center else None,
                                      float(a.epsilon), need_layout(self, x).rank))
 
     def _binary(self, var, call):
@@ -297,7 +297,7 @@ class RelaxView:
             return None
         x, c, const_first = (self._input(a), cb, False) if cb is not None else (self._input(b), ca, True)
         channels, rank = need_layout(self, x)
-        op = A.elementwise(kind, A.channel_vector(c, len(_dims(x)), channels, rank), const_first, rank)
+        op = affine.elementwise(kind, affine.channel_vector(c, len(_dims(x)), channels, rank), const_first, rank)
         return None if op is None else Affine(x, op)
 
     def _scaled(self, var, a, b):
@@ -327,7 +327,7 @@ class RelaxView:
         x = self._input(x)
         if len(_dims(x) or ()) < 2:
             raise Declined("matmul input is not [..., C]")
-        return Affine(x, A.linear(w.T))  # x @ W == linear(x, W.T), over the last axis
+        return Affine(x, affine.linear(w.T))  # x @ W == linear(x, W.T), over the last axis
 
     def _gather(self, var, call):
         """Constant-index rows along a spatial axis: TVM's torch frontend's reflect / replicate / circular padding."""
@@ -358,11 +358,11 @@ class RelaxView:
             raise Declined("dilated average pool")
         x = self._input(call.args[0])
         pad = _ints(a.padding)
-        return Affine(x, A.avg_pool(need_layout(self, x).channels, 2, _ints(a.pool_size), _ints(a.strides),
+        return Affine(x, affine.avg_pool(need_layout(self, x).channels, 2, _ints(a.pool_size), _ints(a.strides),
                                     ((pad[0], pad[2]), (pad[1], pad[3])), count_include_pad=bool(a.count_include_pad),
                                     ceil_mode=bool(a.ceil_mode), input_size=_dims(x)[2:]))
 
-    def _pad_geometry(self, call) -> tuple[relax.Var, A.Pads, float]:
+    def _pad_geometry(self, call) -> tuple[relax.Var, affine.Pads, float]:
         a = call.attrs
         if str(a.pad_mode) != "constant":
             raise Declined(f"{a.pad_mode} padding")
@@ -403,7 +403,7 @@ class RelaxView:
         filled = np.full(shape, np.nan)
         for _, write in reversed(chain):  # earliest first
             src = self.const(write.args[1])
-            start, end, step = (_prim(a) for a in write.args[2:5])
+            start, end, step = (_int_arg(a) for a in write.args[2:5])
             if src is None or None in (start, end, step):
                 raise Declined("border write of a non-constant value or at a dynamic position")
             axis = int(write.attrs.axis) % len(shape)

@@ -9,24 +9,24 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..patterns import rules as R
+from ..patterns.rules import Run, enabled, run as run_to_fixed_point
 from ..patterns.plan import Apply, BatchedConv, Constant, Replace, Reshape, emit, lower, terms
 from .relax import RelaxView, _dims, _dtype, _same_dim
 
 __all__ = ["run_rules"]
 
 
-def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = R.enabled(),
-              max_rounds: int = 4) -> tuple[relax.Function, R.Run]:
+def run_rules(mod: tvm.IRModule, func: relax.Function, rules: frozenset[str] = enabled(),
+              max_rounds: int = 4) -> tuple[relax.Function, Run]:
     """The function rewritten by the enabled rules (the very same object when none applied), and the Run."""
     adapter = _Adapter(mod, relax.analysis.remove_all_unused(func))  # dead reads would count as readers
-    run = R.run(adapter, rules, max_rounds)
-    unbound = sum(d.rule == "affine" and "BindParams" in d.reason for d in run.declines.values())
+    result = run_to_fixed_point(adapter, rules, max_rounds)
+    unbound = sum(d.rule == "affine" and "BindParams" in d.reason for d in result.declines.values())
     if unbound:  # RuleRow.add keeps a detail that changed nothing ("0 ops"): this one says why
-        row, text = run.rules["affine"], f"{unbound} ops read unbound parameters, left alone (bind them with " \
-                                         f"relax.transform.BindParams)"
+        row, text = result.rules["affine"], f"{unbound} ops read unbound parameters, left alone (bind them " \
+                                            f"with relax.transform.BindParams)"
         row.detail = f"{row.detail}; {text}" if row.applied else text
-    return (adapter.func if adapter.written else func), run
+    return (adapter.func if adapter.written else func), result
 
 
 class _Adapter:

@@ -7,7 +7,7 @@ placeholder for the torch.compile backend, which recomputes them when the weight
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Callable
 
 import numpy as np
@@ -119,12 +119,7 @@ class FxEmitter:
         return self._call(torch.squeeze, self._call(torch.unflatten, y, 1, (-1, O)), 0)  # [N, O, ...]
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """Just the shape of a value (what graph_stats reads from tensor_meta)."""
-
-    shape: torch.Size
-    dtype: torch.dtype = torch.float32
+_Shape = namedtuple("_Shape", "shape dtype", defaults=(torch.float32,))  # what graph_stats reads from tensor_meta
 
 
 class FxAdapter:

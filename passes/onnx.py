@@ -15,7 +15,7 @@ from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, describe_or_none,
-                                need_layout, padded, precision, read_once)
+                                keeps_channels_last, need_layout, padded, precision, read_once)
 from ..patterns.report import GraphStats
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
@@ -221,7 +221,8 @@ class OnnxView:
 
     def _channels_last(self) -> dict:
         """{value: True (channels last) or None (also read channels-first)}: classes of values joined by ops
-        that keep their inputs' axes; a class a MatMul over the last dim reads or writes is channels-last."""
+        that keep their inputs' axes (and reshapes that keep the last dim); a class a MatMul or Gemm over the
+        last dim reads or writes is channels-last."""
         if self._last is None:
             parent: dict = {}
 
@@ -235,14 +236,16 @@ class OnnxView:
                 ins = [v for v in node.inputs if v is not None and not _constant(v)]
                 if not ins:
                     continue
-                if node.op_type in _SAME_AXES:
-                    for v in ins:
+                if node.op_type in _SAME_AXES or (node.op_type in ("Reshape", "Flatten")
+                                                  and keeps_channels_last(*map(_dims, (ins[0], node.outputs[0])))):
+                    for v in ins[:1] if node.op_type in ("Reshape", "Flatten") else ins:
                         parent[find(v)] = find(node.outputs[0])
-                elif node.op_type == "MatMul" and _constant(node.inputs[1]):
+                elif node.op_type in ("MatMul", "Gemm") and _constant(node.inputs[1]) and \
+                        not node.attributes.get_int("transA", 0):
                     last += [ins[0], node.outputs[0]]
                 elif node.op_type in _CHANNELS_FIRST:
                     first += ins + [node.outputs[0]]
-            roots, mixed = ({find(v) for v in vs if len(v.shape or ()) > 2} for vs in (last, first))
+            roots, mixed = {find(v) for v in last}, {find(v) for v in first if len(v.shape or ()) > 2}
             self._last = {v: True if find(v) not in mixed else None for v in list(parent) if find(v) in roots}
         return self._last
 

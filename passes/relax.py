@@ -2,8 +2,9 @@
 
 Constants are `relax.Constant`s (module constants, or parameters bound with `relax.transform.BindParams`) and what
 `_FOLDS` computes from them.  Only dataflow blocks are read.  A conv or matmul whose only reader adds a per-channel
-constant is one Affine at the add, as `relax_write` writes it.  Reshapes are not read as `Regroup`: TVM writes an
-N-D linear as reshape, matmul, reshape, which a region of that one linear would write again, round after round.
+constant is one Affine at the add, as `relax_write` writes it.  A reshape that keeps a channels-last value's
+channels last is a `Regroup` (TVM writes an N-D linear as reshape, matmul, reshape; the planner does not rewrite a
+region of one op and such views).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Scaled, Sum, describe_or_none,
-                                read_once, need_layout, padded, precision)
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, describe_or_none,
+                                keeps_channels_last, need_layout, padded, precision, read_once)
 
 __all__ = ["RelaxView"]
 
@@ -174,6 +175,12 @@ class RelaxView:
                                    f"dims where the op has {channels} and {d.op.rank}")
         return d
 
+    def _regroup(self, var, call):
+        """A reshape of a channels-last value that keeps its channels last: only the leading dims move."""
+        x, before, after = call.args[0], self.layout(call.args[0]), self.layout(var)
+        same = before is not None and after is not None and before == after and not before.rank
+        return Regroup(self._input(x)) if same and _keeps_last_dim(call, var) else None
+
     def _read_with_bias(self, add):
         """conv / matmul + per-channel constant, the conv read by nothing else: one Affine at the add."""
         d = describe_or_none(self, add)
@@ -195,7 +202,7 @@ class RelaxView:
             args = [a for a in getattr(expr, "args", ()) if isinstance(a, relax.Var)]
             if name == "relax.matmul" and self.const(expr.args[1]) is not None:
                 last.update([a for a in expr.args[:1] if isinstance(a, relax.Var)] + [var])
-            elif name in _ELEMENTWISE or name in _ACTIVATION or name == "relax.clip":
+            elif name in _ELEMENTWISE or name in _ACTIVATION or name == "relax.clip" or _keeps_last_dim(expr, var):
                 links += [(a, var) for a in args if self.const(a) is None]
             elif name in _CHANNELS_FIRST or isinstance(expr, relax.TupleGetItem):
                 first.update(args + [var])
@@ -422,6 +429,11 @@ class RelaxView:
         return Concat(items) if all(p is not None and p.rank == layout.rank for p in parts) else None
 
 
+def _keeps_last_dim(expr, var) -> bool:
+    """A reshape of a tensor var that keeps its last dim (tokens [B, N, C] <-> [B*N, C])."""
+    return _op_name(expr) == "relax.reshape" and keeps_channels_last(_dims(expr.args[0]) or (), _dims(var) or ())
+
+
 def _strided_slice(e, a, axes, begin, end, strides=None):
     index = [slice(None)] * a.ndim
     for ax, b, en, st in zip(axes, begin, end, strides or [1] * len(axes)):
@@ -468,5 +480,6 @@ _READERS = {
     "relax.nn.conv2d": RelaxView._conv, "relax.nn.conv1d": RelaxView._conv, "relax.matmul": RelaxView._matmul,
     "relax.take": RelaxView._gather, "relax.nn.avg_pool2d": RelaxView._avg_pool, "relax.nn.pad": RelaxView._pad,
     "relax.concat": RelaxView._concat, "relax.slice_scatter": RelaxView._slice_scatter, "relax.clip": RelaxView._clip,
+    "relax.reshape": RelaxView._regroup,
     **{name: RelaxView._binary for name in _ELEMENTWISE}, **{name: RelaxView._activation for name in _ACTIVATION},
 }

@@ -70,6 +70,11 @@ class Regroup:
     input: Key
 
 
+def keeps_channels_last(before: Sequence, after: Sequence) -> bool:
+    """Shapes of a reshape that may be a Regroup: both at least 2-D, ending in the same static size."""
+    return len(before) >= 2 and len(after) >= 2 and isinstance(before[-1], int) and before[-1] == after[-1]
+
+
 @dataclass(frozen=True)
 class Scaled:
     """value = scale * input, `scale` a per-sample scalar tensor ([N, 1, ...]) computed from data

@@ -431,7 +431,7 @@ class RelaxView:
 
 def _keeps_last_dim(expr, var) -> bool:
     """A reshape of a tensor var that keeps its last dim (tokens [B, N, C] <-> [B*N, C])."""
-    return _op_name(expr) == "relax.reshape" and keeps_channels_last(_dims(expr.args[0]) or (), _dims(var) or ())
+    return _op_name(expr) == "relax.reshape" and keeps_channels_last(_dims(expr.args[0]), _dims(var))
 
 
 def _strided_slice(e, a, axes, begin, end, strides=None):

@@ -70,8 +70,9 @@ class Regroup:
     input: Key
 
 
-def keeps_channels_last(before: Sequence, after: Sequence) -> bool:
-    """Shapes of a reshape that may be a Regroup: both at least 2-D, ending in the same static size."""
+def keeps_channels_last(before: Sequence | None, after: Sequence | None) -> bool:
+    """Shapes of a reshape that may be a Regroup: both known, at least 2-D, ending in the same static size."""
+    before, after = before or (), after or ()
     return len(before) >= 2 and len(after) >= 2 and isinstance(before[-1], int) and before[-1] == after[-1]
 
 

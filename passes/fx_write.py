@@ -174,17 +174,8 @@ class FxAdapter:
 
 
 def _target_shape(target, source):
-    """How to reshape a value with the source's leading dims to `target`: "same" when nothing changes, else
-    one entry per dim: a static size, ("dim", j) for the source's dim j, or -1 (once); None if impossible."""
-    if target is None or source is None:
-        return None
-    if same_shape(target[:-1], source[:-1]):
-        return "same"
-    sizes = []
-    for d in target:
-        match = [j for j, s in enumerate(source[:-1]) if same_shape((s,), (d,))]
-        sizes.append(static_size(d) if static_size(d) is not None else ("dim", match[0]) if match else -1)
-    return sizes if sizes.count(-1) <= 1 else None
+    """patterns.plan.reshape_sizes with FX's sizes (ints, or symbolic sizes compared as expressions)."""
+    return P.reshape_sizes(target, source, static_size, lambda a, b: same_shape((a,), (b,)))
 
 
 def _erase(graph: fx.Graph, node: fx.Node) -> None:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..patterns.affine import AffineConv
-from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, source_of, terms
+from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, reshape_sizes, source_of, terms
 from ..patterns.rules import Run, enabled, run
 from .onnx import OnnxView, opset
 
@@ -97,7 +97,7 @@ class Emitter:
     def reshape(self, x: ir.Value, like: ir.Value) -> ir.Value:
         """x (the fused op on the source: the source's leading dims) reshaped to like's shape."""
         sizes = _target_shape(like, self.source)
-        return x if not sizes else self.node("Reshape", [x, self.ints("shape", sizes)], shape=like.shape)
+        return x if sizes == "same" else self.node("Reshape", [x, self.ints("shape", sizes)], shape=like.shape)
 
     def batched_conv(self, x: ir.Value, term: BatchedConv) -> ir.Value:
         """A static batch N runs as groups: conv([1, N*C, ...], [N*O, I/g, *k], group=N*g); ONNX's group is an
@@ -156,16 +156,14 @@ def _geometry(op: AffineConv) -> dict:
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 
 
-def _target_shape(like: ir.Value, source: ir.Value | None) -> list[int] | None:
-    """Reshape sizes that give a value with the source's leading dims like's shape: a size, 0 (the source's
-    dim there) or -1 (once); [] when the leading dims agree already; None when ONNX's Reshape cannot say it."""
-    if like.shape is None or source is None or source.shape is None:
-        return None
-    lead = list(source.shape)[:-1]
-    if len(like.shape) == len(lead) + 1 and all(map(_same_dim, like.shape, lead)):
-        return []
-    sizes = [d if isinstance(d, int) else 0 if i < len(lead) and _same_dim(d, lead[i]) else -1
-             for i, d in enumerate(like.shape)]
+def _target_shape(like: ir.Value, source: ir.Value | None) -> list[int] | str | None:
+    """patterns.plan.reshape_sizes in ONNX Reshape's terms: a source dim is 0 ("copy"), so only in its own
+    place; "same" when no Reshape is needed; None when Reshape cannot say it."""
+    sizes = reshape_sizes(like.shape, None if source is None else source.shape,
+                          lambda d: d if isinstance(d, int) else None, _same_dim)
+    if sizes is None or sizes == "same":
+        return sizes
+    sizes = [0 if s == ("dim", i) else -1 if isinstance(s, tuple) else s for i, s in enumerate(sizes)]
     return sizes if sizes.count(-1) <= 1 else None
 
 

@@ -202,6 +202,24 @@ def emit(out: Emitter, term: Term, value_of: Callable[[Key], Any]) -> Any:
     return value_of(term)
 
 
+def reshape_sizes(target, source, static: Callable, same: Callable):
+    """How an IR reshapes the fused op's output (the source's leading dims, then channels) to `target`'s
+    shape: "same" when the leading dims already agree, else one entry per target dim: its static size,
+    ("dim", j) for the source dim j it equals (dim i itself first), or -1 (at most once); None when that
+    cannot be said.  `static(d)` is a dim's size or None, `same(a, b)` proves two dims equal."""
+    if target is None or source is None:
+        return None
+    lead = list(source)[:-1]
+    if len(target) == len(lead) + 1 and all(map(same, target, lead)):
+        return "same"
+    sizes = []
+    for i, d in enumerate(target):
+        order = ([i] if i < len(lead) else []) + list(range(len(lead)))
+        match = next((j for j in order if same(d, lead[j])), None)
+        sizes.append(static(d) if static(d) is not None else -1 if match is None else ("dim", match))
+    return sizes if sizes.count(-1) <= 1 else None
+
+
 def source_of(term: Term) -> Key | None:
     """The existing value a term reads (its innermost key); None for a Constant."""
     *_, innermost = terms(term)

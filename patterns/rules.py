@@ -160,20 +160,21 @@ def run(adapter: Adapter, rules: frozenset[str], max_rounds: int = 4) -> Run:
         plan = by_name[name].plan(view)
         for key, reason in plan.declines.items():
             result.decline(name, view.label(key), reason)
-        edits, refused = [], []
+        edits, refused = [], []  # refused: the writer's reasons
         for edit in plan.edits:
             reason = adapter.cannot_write(view, edit) if isinstance(edit, Replace) else None
-            (refused if reason else edits).append((edit, reason))
-        for edit, reason in refused:
-            result.decline(name, view.label(edit.value), reason)
+            if reason:
+                refused.append(reason)
+                result.decline(name, view.label(edit.value), reason)
+            else:
+                edits.append(edit)
         if refused and plan.all_or_nothing:
             edits = []
-        edits = [e for e, _ in edits]
         written = [e for e in edits if isinstance(e, Replace)]
         if refused and plan.summary:
             plan.count, plan.detail = plan.summary(written)
         if refused and not written:
-            result.rules[name].add(0, f"declined: {refused[0][1]}")
+            result.rules[name].add(0, f"declined: {refused[0]}")
             return False
         result.rules[name].add(plan.count if written else 0, plan.detail)
         if not written:

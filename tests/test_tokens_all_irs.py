@@ -72,3 +72,24 @@ def test_relax(bn_over_tokens):
         assert ops["relax.nn.batch_norm"] == 1
     else:
         assert ops["relax.nn.batch_norm"] == 0 and ops["relax.matmul"] == 1 and ops["relax.multiply"] == 0
+
+
+def test_one_linear_and_views_is_left_as_written():
+    """A region of one op plus reshapes (a lone token linear, which TVM writes as reshape, matmul, reshape)
+    saves nothing: the planner must not rewrite it, or it would be written again every round."""
+    import repfuse
+
+    class LoneLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 16)
+
+        def forward(self, x):
+            return self.fc(x).flatten(0, 1)
+
+    model, x = LoneLinear().eval(), torch.randn(3, 5, 8)
+    gm = repfuse.deploy(model, (x,))
+    with torch.no_grad():
+        assert_close(gm(x).numpy(), model(x).numpy())
+    affine = next(r for r in gm.meta["repfuse_report"].rules if r.name == "affine")
+    assert affine.applied == 0 and not gm.meta["repfuse_report"].regions

@@ -21,7 +21,7 @@ from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, need_layout, padded,
                                 precision, read_once)
-from .fx_dialects import CONV_MODULES, Call, normalize
+from .fx_dialects import CONV_MODULES, IN_PLACE, Call, normalize
 from ..patterns.report import GraphStats
 
 aten = torch.ops.aten
@@ -74,6 +74,8 @@ class FxView:
     is enabled.  Constant-only computations (weight slicing, masks, detach/view of
     parameters) are evaluated here, once per node.
     """
+
+    asymmetric_padding = False  # torch's convs pad both ends alike: the writer adds an F.pad
 
     def __init__(self, gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor] | None = None):
         self.gm = gm
@@ -138,10 +140,24 @@ class FxView:
         read = READERS.get(call.op) if call is not None else None
         if read is None:
             return None
+        if node.op != "call_module" and node.target in IN_PLACE:
+            self._check_private_write(node, call["input"])
         try:
             return read(self, node, call)
         except (TypeError, ValueError) as e:  # a scalar or size known only at run time (symbolic)
             raise Declined(f"an argument is not a constant ({e})") from None
+
+    def _check_private_write(self, node: fx.Node, target) -> None:
+        """An in-place op reads like its pure form when no one else can see the write: its target is a
+        fresh tensor (not a view, input or parameter) that only this op reads."""
+        if not isinstance(target, fx.Node) or len(target.users) != 1:
+            raise Declined("in-place op on a tensor that is read elsewhere")
+        call = self.call(target) if target.op in ("call_function", "call_method", "call_module") else None
+        fresh = call is not None and call.op in _FRESH_RESULTS and not call["inplace"]
+        if target.op != "call_module" and target.target in IN_PLACE:
+            fresh = fresh and self._check_private_write(target, call["input"]) is None
+        if not fresh:
+            raise Declined("in-place op on a view, input or parameter (the write may be seen elsewhere)")
 
     # -- constants
     def const(self, arg):
@@ -352,8 +368,6 @@ def _sum(view: FxView, node, c: Call):
         return None
     if not same_shape(node_shape(a), node_shape(b)) or not same_shape(node_shape(node), node_shape(a)):
         raise Declined("operands of different shapes (broadcasting)")
-    if node.target in (operator.iadd, operator.isub) and len(a.users) > 1:
-        raise Declined("in-place add on a tensor that is read elsewhere")
     return Sum((a, b), (wa, wb))
 
 
@@ -409,6 +423,9 @@ def _cat(view: FxView, node, c: Call):
     return Concat(tuple(tensors))
 
 
+# ops whose result is a new tensor (never a view of their input), so an in-place write into it is private
+_FRESH_RESULTS = {"conv", "batch_norm", "linear", "addmm", "matmul", "add", "sub", "mul", "div", "cat", "pad",
+                  "avg_pool", "activation", "clamp", "neg"}
 READERS = {"conv": _conv, "batch_norm": _batch_norm, "getitem": _getitem, "linear": _linear, "addmm": _matmul,
            "matmul": _matmul, "pad": _pad, "avg_pool": _avg_pool, "identity": _identity, "dropout": _dropout,
            "activation": _activation, "clamp": _activation, "add": _sum, "sub": _sum, "mul": _mul, "div": _div,

@@ -21,7 +21,7 @@ from ..patterns.affine import Declined
 
 aten = torch.ops.aten
 
-__all__ = ["Call", "normalize", "CONV_MODULES"]
+__all__ = ["Call", "normalize", "CONV_MODULES", "IN_PLACE"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,10 +62,14 @@ _register([F.pad, torch._C._nn.pad, aten.pad.default], "pad", ("input", "pad", "
 _register([aten.constant_pad_nd.default], "pad", ("input", "pad", "value"), mode="constant", value=0)
 _register([torch.avg_pool1d, F.avg_pool2d, F.avg_pool3d, aten.avg_pool1d.default, aten.avg_pool2d.default,
            aten.avg_pool3d.default], "avg_pool", _POOL_ARGS, padding=0, ceil_mode=False, count_include_pad=True)
-for _op, _targets in {"add": (operator.add, operator.iadd, torch.add, aten.add.Tensor, "add"),
-                      "sub": (operator.sub, operator.isub, torch.sub, aten.sub.Tensor, "sub"),
-                      "mul": (operator.mul, operator.imul, torch.mul, aten.mul.Tensor, "mul"),
-                      "div": (operator.truediv, torch.div, aten.div.Tensor, "div")}.items():
+# in-place forms write into their first operand: read only where nothing else sees that write (fx.py)
+IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, aten.add_.Tensor, aten.sub_.Tensor,
+            aten.mul_.Tensor, aten.div_.Tensor, "add_", "sub_", "mul_", "div_"}
+for _op, _targets in {"add": (operator.add, operator.iadd, torch.add, aten.add.Tensor, "add", aten.add_.Tensor, "add_"),
+                      "sub": (operator.sub, operator.isub, torch.sub, aten.sub.Tensor, "sub", aten.sub_.Tensor, "sub_"),
+                      "mul": (operator.mul, operator.imul, torch.mul, aten.mul.Tensor, "mul", aten.mul_.Tensor, "mul_"),
+                      "div": (operator.truediv, operator.itruediv, torch.div, aten.div.Tensor, "div", aten.div_.Tensor,
+                              "div_")}.items():
     _register(_targets, _op, _BINARY, alpha=1)
 _register([operator.neg, torch.neg, aten.neg.default, "neg"], "neg", _UNARY)
 _register([torch.cat, torch.concat, aten.cat.default], "cat", ("tensors", "dim"), dim=0)

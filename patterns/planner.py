@@ -22,7 +22,7 @@ import numpy as np
 from . import affine
 from .affine import AffineConv, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
-from .plan import Apply, Replace, Reshape, RulePlan
+from .plan import Apply, Replace, Reshape, RulePlan, written_steps
 
 Key = Hashable
 
@@ -151,6 +151,9 @@ class GraphView(Protocol):
     def kind(self, value: Key) -> str:
         """The op type that computes the value (for reports)."""
 
+    # Whether the IR's conv takes different begin and end padding; if not, its writer adds a pad op.
+    asymmetric_padding: bool
+
 
 def need_layout(view: GraphView, value: Key) -> Layout:
     """`view.layout(value)`, or Declined for a reader that cannot go on without it."""
@@ -192,8 +195,9 @@ class Region:
     op: AffineConv | None  # None once a consumer absorbed the region (see _release)
     nodes: tuple[Key, ...]
     cost: float
-    expensive: bool | None = None  # kept by _release
+    costs_more: bool | None = None  # kept by _release: the fused op costs more than the ops it replaces
     regroups: int = 0  # Regroup nodes inside: the root's leading dims may differ from the source's
+    weighted: int = 0  # convs and linears inside (affine ops that are not per-channel)
 
     @property
     def root(self) -> Key:
@@ -273,13 +277,14 @@ def _build_maps(view: GraphView, values, order, boundaries):
 def _release(region: Region) -> Region:
     """An absorbed region keeps what selection reads, not its fused weights: a chain of large convs
     would otherwise hold one fused copy per value."""
-    return Region(region.source, None, region.nodes, region.cost, _too_expensive(region), region.regroups)
+    return Region(region.source, None, region.nodes, region.cost, _costs_more(region), region.regroups,
+                  region.weighted)
 
 
 def _fresh(v: Key, d: Description) -> Region | None:
     """The value as a one-node region over its direct input (after a refused rule)."""
     if isinstance(d, Affine):
-        return Region(d.input, d.op, (v,), op_cost(d.op, d.op.stride))
+        return Region(d.input, d.op, (v,), op_cost(d.op, d.op.stride), weighted=_weighted(d.op))
     return None
 
 
@@ -292,7 +297,8 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         if reason:
             raise Declined(reason)
         op = affine.compose(d.op, m.op)
-        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regroups=m.regroups)
+        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regroups=m.regroups,
+                      weighted=m.weighted + _weighted(d.op))
 
     if isinstance(d, PadWith):
         m = input_map(d.input)
@@ -303,13 +309,14 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
             raise Declined(reason)
         op = affine.pad_with(m.op, d.pads)
         return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride),
-                      regroups=m.regroups)
+                      regroups=m.regroups, weighted=m.weighted)
 
     if isinstance(d, Regroup):
         m = input_map(d.input)
         if m is None or not m.nodes or m.op.rank != 0:
             return None
-        return Region(m.source, m.op, m.nodes + (v,), m.cost, regroups=m.regroups + 1)  # a view: costs nothing
+        # a view: costs nothing
+        return Region(m.source, m.op, m.nodes + (v,), m.cost, regroups=m.regroups + 1, weighted=m.weighted)
 
     maps = [input_map(u) for u in d.inputs]
     if any(m is None for m in maps):
@@ -333,8 +340,16 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         op = affine.concat(ops)
     cost = sum(m.cost for m in {id(m): m for m in maps}.values())
     cost += elementwise_cost(op.out_channels, op.stride)
-    regroups = sum(m.regroups for m in {id(m): m for m in maps}.values())
-    return Region(maps[0].source, op, merged(maps, v), cost, regroups=regroups)
+    parts = {id(m): m for m in maps}.values()
+    return Region(maps[0].source, op, merged(maps, v), cost, regroups=sum(m.regroups for m in parts),
+                  weighted=sum(m.weighted for m in parts))
+
+
+def _weighted(op: AffineConv) -> int:
+    """1 for a conv or linear; 0 for a per-channel op, with or without zero padding."""
+    c = op.out_channels
+    diagonal = op.groups == c == op.in_channels and all(k == 1 for k in op.kernel) and all(s == 1 for s in op.stride)
+    return int(not diagonal)
 
 
 def _inputs(d: Description) -> tuple[Key, ...]:
@@ -346,27 +361,46 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
     result = Plan(declined=dict(declined))
     cuts: set[Key] = set()
     for v, region in maps.items():
-        if v in absorbed or len(region.nodes) - region.regroups < 2:  # one op (and views): nothing to fuse
+        if v in absorbed or _written_ops(view, region.op) >= len(region.nodes) - region.regroups:
+            continue  # written with as many ops as it has (one op and views; pad + conv on FX): nothing to fuse
+        if region.weighted == 0 and written_steps(region.op) == 0:
+            result.declined[v] = ("per-channel ops with zero padding would become a new conv "
+                                  "(left as they are: the cheapest form for the backend)")
             continue
         if _too_expensive(region):
             result.declined[v] = (f"fused op would cost {region.fused_cost:.0f} MACs per input position, "
                                   f"no less than the {region.cost:.0f} of the {len(region.nodes)} ops it replaces")
             # Cut where the region first stopped paying off, so the cheap parts before it still fuse
             # (depthwise-BN then pointwise-BN: two convs, not one dense one and a stray BN).
-            first_bad = next((n for n in region.nodes if len(maps[n].nodes) > 1 and _too_expensive(maps[n])), v)
+            # A per-channel part that merely saves nothing is no place to cut: the sum it feeds may pay off.
+            first_bad = next((n for n in region.nodes if len(maps[n].nodes) > 1 and _costs_more(maps[n])), v)
             cuts.update(_inputs(view.describe(first_bad)))
             continue
         result.regions.append(region)
     return result, cuts
 
 
-def _too_expensive(region: Region) -> bool:
+def _written_ops(view: GraphView, op: AffineConv) -> int:
+    """Ops the writer emits for `op` (plan.lower): scale/shift steps, or one conv and, where the IR's
+    conv pads symmetrically only, a pad before it."""
+    steps = written_steps(op)
+    if steps:
+        return steps
+    uneven = any(b != e for b, e in op.pads)
+    return 1 + int(uneven and not getattr(view, "asymmetric_padding", True))
+
+
+def _costs_more(region: Region) -> bool:
     if region.op is None:
-        return region.expensive
-    if region.op.per_channel() is not None:
+        return region.costs_more
+    return region.fused_cost > region.cost * (1 + 1e-9)
+
+
+def _too_expensive(region: Region) -> bool:
+    if region.op is not None and region.op.per_channel() is not None:
         # written as scale/shift steps again (plan.lower): only worth it with fewer steps, and never a loop
         return region.fused_cost >= region.cost * (1 - 1e-9)
-    return region.fused_cost > region.cost * (1 + 1e-9)
+    return _costs_more(region)
 
 
 # ---------------------------------------------------------------- the `affine` rule

@@ -18,6 +18,7 @@ imports torch.export programs with TVM's Relax frontend and runs RepFuse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import re
@@ -155,13 +156,11 @@ def measure_fx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float
 def _export_onnx(model, x) -> bytes:
     import torch
 
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"],
-                                    dynamic_shapes=({0: "batch", 2: "height", 3: "width"},), verbose=False)
-    program.save(buf) if hasattr(program, "save") else None
-    return buf.getvalue()
+        program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
+                                    dynamic_shapes=({0: "batch", 2: "height", 3: "width"},))
+    return program.model_proto.SerializeToString()
 
 
 def measure_onnx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float]]:

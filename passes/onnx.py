@@ -111,13 +111,17 @@ def _may_fold(node: ir.Node) -> bool:
 def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
     """Every value computed from constants only, with its array.  The candidates run in one onnx.reference
     evaluation; a node the evaluator cannot run, or whose output outgrows its inputs, stays with all it feeds."""
-    order, produced = [], set()
+    order, produced, dtype_only = [], set(), set()
     for node in graph:
-        if _may_fold(node) and all(v is None or v in produced or _constant(v) for v in node.inputs):
+        like = _dtype_read(node)
+        if _may_fold(node) and all(v is None or v in produced or _constant(v) or v is like for v in node.inputs):
             order.append(node)
             produced.update(node.outputs)
+            dtype_only.add(like)
     leaves = dict.fromkeys(v for node in order for v in node.inputs if v is not None and v not in produced)
-    leaves = {v: const_array(v) for v in leaves}  # the constants the candidates read
+    # the constants the candidates read; an input read for its dtype only is fed as an empty array
+    leaves = {v: np.empty(0, v.dtype.numpy()) if v in dtype_only and not _constant(v) else const_array(v)
+              for v in leaves}
     known, results = dict(leaves), _evaluate(order, leaves, graph.opset_imports) if order else {}
     for node in order:
         ins = [v for v in node.inputs if v is not None]
@@ -126,6 +130,18 @@ def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
                 and sum(o.nbytes for o in outs) <= sum(known[v].nbytes for v in ins) + _GROWTH:
             known.update(zip(node.outputs, outs))
     return {v: a for v, a in known.items() if v not in leaves and not v.is_graph_output()}
+
+
+def _dtype_read(node: ir.Node) -> ir.Value | None:
+    """CastLike's second input, of which only the element type matters (the exporters' `CastLike(0, x)`
+    zero bias): a constant once that type is known."""
+    if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+        like = node.inputs[1]
+        if like is not None and like.dtype is not None:
+            with suppress(Exception):
+                like.dtype.numpy()
+                return like
+    return None
 
 
 def _evaluate(order: list[ir.Node], leaves: dict, opsets: dict[str, int]) -> dict:

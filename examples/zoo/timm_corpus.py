@@ -13,6 +13,7 @@ gives it a minimal stand-in when the real torchvision cannot be imported.
 from __future__ import annotations
 
 import copy
+import importlib.machinery
 import sys
 import types
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ CORPUS: list[Model] = [
 ]
 
 
+def _module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # importlib.util.find_spec reads it
+    return module
+
+
 def _stand_in_torchvision() -> None:
     """Register a minimal `torchvision` in sys.modules: the names timm reads when it builds models."""
     import torch
@@ -92,7 +99,7 @@ def _stand_in_torchvision() -> None:
 
         return type(name, (), {"__init__": refuse})
 
-    modules = {name: types.ModuleType(name) for name in (
+    modules = {name: _module(name) for name in (
         "torchvision", "torchvision.ops", "torchvision.ops.misc", "torchvision.transforms",
         "torchvision.transforms.functional", "torchvision.datasets", "torchvision.utils")}
     modules["torchvision"].__version__ = "0.0.0+stand-in"

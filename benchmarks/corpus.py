@@ -11,7 +11,8 @@ is compared with the training form on random inputs at two input sizes (FX, ONNX
 one (TVM).  `status` is "ok" when the numbers agree and every count is no higher than
 timm's.  tests/test_timm_corpus.py asserts the same through `measure`.
 
-The ONNX column exports with torch.onnx.export's default exporter; the TVM column
+The ONNX column exports with torch.onnx.export (TorchScript exporter by default, dynamic batch
+and spatial dims; --exporter dynamo for the torch.export-based one); the TVM column
 imports torch.export programs with TVM's Relax frontend and runs RepFuse.
 """
 
@@ -117,21 +118,30 @@ def onnx_counts(model) -> Counts:
 
 
 def relax_counts(mod) -> Counts:
+    """Conv / batch_norm / matmul-with-a-constant-operand (possibly through permute_dims) counts."""
     import tvm
     from tvm import relax
 
-    ops = Counter()
+    ops, bound = Counter(), {}
 
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            name = e.op.name
-            if name == "relax.matmul":
-                name = "linear" if isinstance(e.args[1], relax.Constant) else "matmul"
-            ops[name] += 1
+    def constant(e) -> bool:
+        e = bound.get(e, e)
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.permute_dims":
+            return constant(e.args[0])
+        return isinstance(e, tvm.ir.expr.Constant)  # relax's constants since TVM 0.27
 
     for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
+        if not isinstance(func, relax.Function):
+            continue
+        for block in getattr(func.body, "blocks", []):
+            for binding in block.bindings:
+                bound[binding.var] = binding.value
+        for value in bound.values():
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                name = value.op.name
+                if name == "relax.matmul":
+                    name = "linear" if any(constant(a) for a in value.args[:2]) else "matmul"
+                ops[name] += 1
     conv = sum(n for k, n in ops.items() if re.match(r"relax\.nn\.conv", k))
     return Counts(conv, ops["relax.nn.batch_norm"], ops["linear"])
 
@@ -153,14 +163,22 @@ def measure_fx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float
     return fx_counts(report.before), fx_counts(ref_form.meta["repfuse_report"].before), fx_counts(report.after), errors
 
 
+EXPORTER = "torchscript"  # or "dynamo" (torch's default, several times slower to export): --exporter
+
+
 def _export_onnx(model, x) -> bytes:
     import torch
 
+    dims = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
-                                    dynamic_shapes=({0: "batch", 2: "height", 3: "width"},))
-    return program.model_proto.SerializeToString()
+        if EXPORTER == "dynamo":
+            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
+                                        dynamic_shapes=(dims,))
+            return program.model_proto.SerializeToString()
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"], dynamic_axes={"x": dims})
+        return buf.getvalue()
 
 
 def measure_onnx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float]]:
@@ -272,12 +290,16 @@ def update_readme(text: str) -> None:
 
 
 def main(argv=None) -> int:
+    global EXPORTER
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated timm names (default: the whole corpus)")
     parser.add_argument("--ir", default=",".join(IRS), help="comma-separated IRs among fx,onnx,tvm (default: all)")
+    parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default=EXPORTER,
+                        help="torch.onnx.export's exporter for the ONNX column (default: %(default)s)")
     parser.add_argument("--readme", action="store_true", help="rewrite the corpus table in README.md")
     args = parser.parse_args(argv)
+    EXPORTER = args.exporter
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     names = args.models.split(",") if args.models else [m.name for m in CORPUS]

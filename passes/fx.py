@@ -21,7 +21,7 @@ from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, need_layout, padded,
                                 precision, read_once)
-from .fx_dialects import CONV_MODULES, IN_PLACE, Call, normalize
+from .fx_dialects import CONV_MODULES, IN_PLACE, SHAPE_OF_OTHER, Call, normalize
 from ..patterns.report import GraphStats
 
 aten = torch.ops.aten
@@ -107,7 +107,9 @@ class FxView:
         if node in self._outputs:
             return None
         fills = self.pad_fills.get(node, ())
-        return [u for u in node.users if u not in fills]
+        # `y.reshape_as(node)` reads only node's shape; the writer keeps node while anything still reads it
+        return [u for u in node.users if u not in fills
+                and not (u.op != "call_module" and u.target in SHAPE_OF_OTHER and u.args[0] is not node)]
 
     def layout(self, node: fx.Node) -> Layout | None:
         shape = node_shape(node)

@@ -21,7 +21,7 @@ from ..patterns.affine import Declined
 
 aten = torch.ops.aten
 
-__all__ = ["Call", "normalize", "CONV_MODULES", "IN_PLACE"]
+__all__ = ["Call", "normalize", "CONV_MODULES", "IN_PLACE", "SHAPE_OF_OTHER"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +80,9 @@ _register([operator.getitem], "getitem", ("input", "index"))
 _register([torch.flatten, aten.flatten.using_ints, "flatten"], "regroup", ("input", "start_dim", "end_dim"))
 _register([torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default, "reshape", "view"],
           "regroup", ("input", "shape"))
+# reshape_as / view_as read `other` for its shape only (passes.fx: not a reader of its value)
+SHAPE_OF_OTHER = {aten.reshape_as.default, aten.view_as.default, "reshape_as", "view_as"}
+_register(SHAPE_OF_OTHER, "regroup", ("input", "other"))
 _register([F.hardtanh, aten.hardtanh.default], "clamp", ("input", "min_val", "max_val"), min_val=-1.0, max_val=1.0)
 _register([torch.clamp, aten.clamp.default, "clamp"], "clamp", ("input", "min", "max"))
 for _fn, _targets in {"relu": (F.relu, torch.relu, aten.relu.default, "relu"), "relu6": (F.relu6,),

@@ -162,3 +162,42 @@ class GhostV3(nn.Module):
 def test_per_channel_branches_sum_behind_a_shared_producer():
     gm = deployed(GhostV3(), (2, 8, 10, 10))
     assert count(gm, "conv") == 2 and count(gm, "batch_norm") == 0
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d over tokens: `bn(x.flatten(0, 1)).reshape_as(x)`."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTMlp(nn.Module):
+    def __init__(self, c=8, relu_inside=False):
+        super().__init__()
+        self.ln1, self.ln2 = LinearNorm(c, 2 * c), LinearNorm(2 * c, c)
+        self.relu_inside = relu_inside
+
+    def forward(self, x):
+        if self.relu_inside:  # the reshape_as reads the linear's shape across a ReLU: the linear stays
+            y = self.ln1.linear(x)
+            return torch.relu(self.ln1.bn(y.flatten(0, 1))).reshape_as(y)
+        return x + self.ln2(torch.relu(self.ln1(x)))
+
+
+def test_reshape_as_reads_only_the_shape():
+    model = B.randomize(LeViTMlp()).eval()
+    gm = deployed(model, (2, 5, 8))
+    assert count(gm, "linear") == 2 and count(gm, "batch_norm") == 0
+    with torch.no_grad():  # other batch and token counts
+        x = torch.randn(3, 7, 8)
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reshape_as_outside_the_region_keeps_what_it_reads():
+    gm = deployed(LeViTMlp(relu_inside=True), (2, 5, 8))
+    assert count(gm, "batch_norm") == 0

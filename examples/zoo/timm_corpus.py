@@ -13,6 +13,7 @@ gives it a minimal stand-in when the real torchvision cannot be imported.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.machinery
 import sys
 import types
@@ -119,7 +120,7 @@ def _stand_in_torchvision() -> None:
 def import_timm():
     """timm, importable next to the CPU torch (see the module docstring)."""
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
     except Exception:  # missing, or a wheel built for another torch
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]

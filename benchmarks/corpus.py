@@ -166,13 +166,13 @@ def measure_fx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float
 EXPORTER = "torchscript"  # or "dynamo" (torch's default, several times slower to export): --exporter
 
 
-def _export_onnx(model, x) -> bytes:
+def _export_onnx(model, x, exporter: str) -> bytes:
     import torch
 
     dims = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        if EXPORTER == "dynamo":
+        if exporter == "dynamo":
             program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
                                         dynamic_shapes=(dims,))
             return program.model_proto.SerializeToString()
@@ -181,15 +181,15 @@ def _export_onnx(model, x) -> bytes:
         return buf.getvalue()
 
 
-def measure_onnx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float]]:
+def measure_onnx(model, reference, xs, exporter: str) -> tuple[Counts, Counts, Counts, list[float]]:
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
 
     from repfuse.backends import onnx as pipeline
 
-    training = onnx.load_from_string(_export_onnx(model, xs[0]))
-    converted = onnx.load_from_string(_export_onnx(reference, xs[0]))
+    training = onnx.load_from_string(_export_onnx(model, xs[0], exporter))
+    converted = onnx.load_from_string(_export_onnx(reference, xs[0], exporter))
     fused, _ = pipeline.optimize(training)
     session = ort.InferenceSession(pipeline.to_proto(fused).SerializeToString(), providers=["CPUExecutionProvider"])
     reference_session = ort.InferenceSession(training.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -240,8 +240,9 @@ def measure(name: str, ir: str) -> Result:
     try:
         model = build(name, **dict(entry.kwargs))
         reference = timm_convert(model)
-        result.training, result.timm, result.repfuse, result.errors = MEASURE[ir](model, reference,
-                                                                                  inputs(entry))
+        extra = (entry.exporter or EXPORTER,) if ir == "onnx" else ()
+        result.training, result.timm, result.repfuse, result.errors = MEASURE[ir](model, reference, inputs(entry),
+                                                                                  *extra)
     except Exception as e:  # a table row, not a crash of the whole run
         first = (str(e).strip().splitlines() or [""])[0]
         result.failure = f"{type(e).__name__}: {first[:120]}"

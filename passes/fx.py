@@ -19,8 +19,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, need_layout, padded,
-                                precision, read_once)
+from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, Transposed, need_layout,
+                                padded, precision, read_once)
 from .fx_dialects import CONV_MODULES, IN_PLACE, SHAPE_OF_OTHER, Call, normalize
 from ..patterns.report import GraphStats
 
@@ -228,7 +228,7 @@ class FxView:
 
 def _conv(view: FxView, node, c: Call):
     if c["transposed"]:
-        return None
+        return _conv_transpose(view, node, c)
     x = view.input(c["input"])
     w = torch.as_tensor(view.need(c["weight"], "conv weight"))
     bias = view.need(c["bias"], "conv bias")
@@ -240,6 +240,15 @@ def _conv(view: FxView, node, c: Call):
         total = [0] * rank if padding == "valid" else [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
         padding = [(t // 2, t - t // 2) for t in total]
     return Affine(x, affine.conv(_np(w), None if bias is None else _np(bias), stride, padding, dilation, c["groups"]))
+
+
+def _conv_transpose(view: FxView, node, c: Call):
+    if node.op == "call_module" and (len(node.args) > 1 or node.kwargs):
+        raise Declined("transposed conv called with output_size (output_padding chosen per call)")
+    x, w, bias = view.input(c["input"]), view.need(c["weight"], "conv weight"), view.need(c["bias"], "conv bias")
+    rank = torch.as_tensor(w).dim() - 2
+    geometry = [affine.as_tuple(c[k], rank) for k in ("stride", "padding", "output_padding", "dilation")]
+    return Transposed(x, affine.conv_transpose(_np(w), None if bias is None else _np(bias), *geometry, c["groups"]))
 
 
 def _batch_norm(view: FxView, node, c: Call):
@@ -427,11 +436,13 @@ def _cat(view: FxView, node, c: Call):
 
 # ops whose result is a new tensor (never a view of their input), so an in-place write into it is private
 _FRESH_RESULTS = {"conv", "batch_norm", "linear", "addmm", "matmul", "add", "sub", "mul", "div", "cat", "pad",
-                  "avg_pool", "activation", "clamp", "neg"}
+                  "avg_pool", "activation", "clamp", "neg",
+                  "conv_transpose"}
 READERS = {"conv": _conv, "batch_norm": _batch_norm, "getitem": _getitem, "linear": _linear, "addmm": _matmul,
            "matmul": _matmul, "pad": _pad, "avg_pool": _avg_pool, "identity": _identity, "dropout": _dropout,
            "activation": _activation, "clamp": _activation, "add": _sum, "sub": _sum, "mul": _mul, "div": _div,
-           "neg": _neg, "cat": _cat, "regroup": _regroup}
+           "neg": _neg, "cat": _cat, "regroup": _regroup,
+           "conv_transpose": _conv_transpose}
 
 
 # ---------------------------------------------------------------- DBB's border writes

@@ -52,6 +52,10 @@ def _register(targets, op: str, names: tuple, **defaults) -> None:
 _register([torch.conv1d, torch.conv2d, torch.conv3d, aten.conv1d.default, aten.conv2d.default,
            aten.conv3d.default], "conv", _CONV_ARGS, stride=1, padding=0, dilation=1, groups=1)
 _register([aten.convolution.default], "conv", _CONV_ARGS[:6] + ("transposed", "output_padding", "groups"))
+_register([torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d, aten.conv_transpose1d.default,
+           aten.conv_transpose2d.input, aten.conv_transpose3d.input], "conv_transpose",
+          ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+          stride=1, padding=0, output_padding=0, groups=1, dilation=1)
 _register([F.batch_norm], "batch_norm", ("input", "running_mean", "running_var", "weight", "bias", "training",
                                          "momentum", "eps"), training=False, eps=1e-5)
 _register([torch.batch_norm, aten.batch_norm.default], "batch_norm", _BN_TORCH)
@@ -94,6 +98,7 @@ for _fn, _targets in {"relu": (F.relu, torch.relu, aten.relu.default, "relu"), "
 _ALIASES = {"min_val": "min", "max_val": "max", "train": "training", "running_mean": "mean", "running_var": "var"}
 
 CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
                        nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.Tanh: "tanh"}
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
@@ -112,6 +117,10 @@ def _module_call(mod: nn.Module, x) -> Call | None:
             raise Declined(f"padding_mode={mod.padding_mode!r}")
         return Call("conv", dict(input=x, weight=_module_tensor(mod.weight), bias=_module_tensor(mod.bias),
                                  stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups))
+    if t in _CONV_TRANSPOSE_MODULES:  # a call that passes output_size is declined by the reader (fx.py)
+        return Call("conv_transpose", dict(input=x, weight=_module_tensor(mod.weight), bias=_module_tensor(mod.bias),
+                                           stride=mod.stride, padding=mod.padding, output_padding=mod.output_padding,
+                                           groups=mod.groups, dilation=mod.dilation))
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         if mod.training or mod.running_mean is None:
             raise Declined("BatchNorm uses batch statistics (training mode or no running stats)")

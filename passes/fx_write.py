@@ -17,13 +17,14 @@ from torch import fx
 
 from ..patterns import plan as P
 from ..patterns.rules import Run, enabled, run
-from ..patterns.affine import AffineConv
+from ..patterns.affine import AffineConv, ConvTranspose
 from .fx import SHAPE_META, FxView, example_size, is_pure, node_shape, same_shape, static_size
 
 __all__ = ["run_rules", "FxAdapter"]
 
 ConstantNode = Callable[[str, torch.Tensor, fx.Node], fx.Node]
 _CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+_CONV_TRANSPOSE_FN = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
 
 
 def example_like(node) -> torch.Tensor | None:
@@ -72,6 +73,12 @@ class FxEmitter:
         bias = self._const(op.bias) if bias is None else bias
         return self._call(_CONV_FN[op.rank], x, weight, bias, op.stride, sym, op.dilation,
                           op.groups if groups is None else groups)
+
+    def conv_transpose(self, x: fx.Node, op: ConvTranspose) -> fx.Node:
+        """One transposed conv (cannot_write checked that it pads both ends of a dim alike)."""
+        padding = tuple(b for b, _ in op.pads)
+        return self._call(_CONV_TRANSPOSE_FN[op.rank], x, self._const(op.weight), self._const(op.bias),  # [I, O/g, *k]
+                          op.stride, padding, op.output_padding, op.groups, op.dilation)
 
     def linear(self, x: fx.Node, weight: np.ndarray, bias: np.ndarray) -> fx.Node:
         return self._call(F.linear, x, self._const(weight), self._const(bias))  # W [O, I]
@@ -148,6 +155,8 @@ class FxAdapter:
             op = term.op if isinstance(term, P.Apply) else term.static if isinstance(term, P.BatchedConv) else None
             if op is not None and P.lower(op)[0][0] == "conv" and op.rank not in _CONV_FN:
                 return f"{op.rank}-D convolution"
+            if isinstance(op, ConvTranspose) and any(b != e for b, e in op.pads):
+                return "a transposed conv padded unevenly"
         return None
 
     def write(self, view: FxView, rule: str, edits: list) -> None:

@@ -14,8 +14,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, describe_or_none,
-                                keeps_channels_last, need_layout, padded, precision, read_once)
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, Transposed,
+                                describe_or_none, keeps_channels_last, need_layout, padded, precision, read_once)
 from ..patterns.report import GraphStats
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
@@ -176,7 +176,7 @@ def _evaluate(order: list[ir.Node], leaves: dict, opsets: dict[str, int]) -> dic
 
 _SAME_AXES = {"Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout", "Relu", "Sigmoid", "Tanh", "HardSwish",
               "HardSigmoid", "Clip"}  # the output is read on its inputs' axes
-_CHANNELS_FIRST = {"Conv", "BatchNormalization", "AveragePool", "Pad", "ScatterND", "Concat"}
+_CHANNELS_FIRST = {"Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "Pad", "ScatterND", "Concat"}
 _BORDER_WRITE = ("ScatterND", "Transpose")
 
 
@@ -331,6 +331,17 @@ def _conv(view: OnnxView, node):
     stride, dilation = (tuple(a.get_ints(k, [1] * (w.ndim - 2))) for k in ("strides", "dilations"))
     pads, bias = view.pads(node, x, w.shape[2:], stride, dilation), view.const(node, 2, "conv bias", optional=True)
     return Affine(x, affine.conv(w, bias, stride, pads, dilation, a.get_int("group", 1)))
+
+
+def _conv_transpose(view: OnnxView, node):
+    x, w, a = view.input(node), view.const(node, 1, "ConvTranspose weight"), node.attributes  # w [I, O/g, *k]
+    if "output_shape" in a or a.get_string("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID"):
+        raise Declined("ConvTranspose with output_shape or auto_pad SAME (padding follows the input size)")
+    ones, zeros = [1] * (w.ndim - 2), [0] * (w.ndim - 2)
+    stride, dilation = (tuple(a.get_ints(k, ones)) for k in ("strides", "dilations"))
+    pads, bias = view.pads(node, x, w.shape[2:], stride, dilation), view.const(node, 2, "bias", optional=True)
+    out_pad = tuple(a.get_ints("output_padding", zeros))
+    return Transposed(x, affine.conv_transpose(w, bias, stride, pads, out_pad, dilation, a.get_int("group", 1)))
 
 
 def _batchnorm(view: OnnxView, node):
@@ -532,6 +543,7 @@ READERS = {
     **dict.fromkeys(("Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid"), _pointwise), "AveragePool": _average_pool,
     "MatMul": lambda view, node: None if view._pair(node) is not None else _matmul(view, node),
     "Pad": _pad, "ScatterND": _border_fill, "Transpose": _border_fill, "Reshape": _regroup, "Flatten": _regroup,
+    "ConvTranspose": _conv_transpose,
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
-from ..patterns.affine import AffineConv
+from ..patterns.affine import AffineConv, ConvTranspose
 from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, reshape_sizes, source_of, terms
 from ..patterns.rules import Run, enabled, run
 from .onnx import OnnxView, opset
@@ -75,6 +75,11 @@ class Emitter:
     def conv(self, x: ir.Value, op: AffineConv) -> ir.Value:
         inputs = [x, self.weight("weight", op.weight), self.weight("bias", op.bias)]  # [O, I/g, *k], [O]
         return self.node("Conv", inputs, {**_geometry(op), "group": op.groups}, op.out_channels)
+
+    def conv_transpose(self, x: ir.Value, op: ConvTranspose) -> ir.Value:
+        inputs = [x, self.weight("weight", op.weight), self.weight("bias", op.bias)]  # [I, O/g, *k], [O]
+        attrs = {**_geometry(op), "output_padding": list(op.output_padding), "group": op.groups}
+        return self.node("ConvTranspose", inputs, attrs, op.out_channels)
 
     def linear(self, x: ir.Value, weight: np.ndarray, bias: np.ndarray) -> ir.Value:
         """Gemm on [N, I]; Gemm is 2-D only, so tokens [..., I] get MatMul + Add."""
@@ -151,7 +156,7 @@ class Emitter:
         return w, self.node("Reshape", [b, self.ints("flat", [-1])], into=into, shape=None if n is None else [n * o])
 
 
-def _geometry(op: AffineConv) -> dict:
+def _geometry(op: AffineConv | ConvTranspose) -> dict:
     return {"kernel_shape": list(op.kernel), "strides": list(op.stride), "dilations": list(op.dilation),
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 

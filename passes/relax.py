@@ -2,9 +2,9 @@
 
 Constants are `relax.Constant`s (module constants, or parameters bound with `relax.transform.BindParams`) and what
 `_FOLDS` computes from them.  Only dataflow blocks are read.  A conv or matmul whose only reader adds a per-channel
-constant is one Affine at the add, as `relax_write` writes it.  A reshape that keeps a channels-last value's
-channels last is a `Regroup` (TVM writes an N-D linear as reshape, matmul, reshape; the planner does not rewrite a
-region of one op and such views).
+constant is one Affine at the add (a transposed conv, one Transposed), as `relax_write` writes it.  A reshape that
+keeps a channels-last value's channels last is a `Regroup` (TVM writes an N-D linear as reshape, matmul, reshape;
+the planner does not rewrite a region of one op and such views).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, describe_or_none,
-                                keeps_channels_last, need_layout, padded, precision, read_once)
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, Transposed,
+                                describe_or_none, keeps_channels_last, need_layout, padded, precision, read_once)
 
 __all__ = ["RelaxView"]
 
@@ -182,16 +182,19 @@ class RelaxView:
         return Regroup(self._input(x)) if same and _keeps_last_dim(call, var) else None
 
     def _read_with_bias(self, add):
-        """conv / matmul + per-channel constant, the conv read by nothing else: one Affine at the add."""
+        """conv / matmul + per-channel constant, the conv read by nothing else: one Affine (Transposed) at the add."""
         d = describe_or_none(self, add)
         inner = d.input if isinstance(d, Affine) and d.op.per_channel() is not None else None
         if _op_name(self.bound.get(inner)) not in _WEIGHTED or not self.single_consumer(inner):
             return
         di = describe_or_none(self, inner)
-        if isinstance(di, Affine) and affine.check_compose(d.op, di.op) is None:
-            self._described[add] = Affine(di.input, affine.compose(d.op, di.op))
-            self._bias_of[add] = inner
-            self.attached[add] = [inner]
+        if isinstance(di, Transposed) and affine.check_then_per_channel(di.op, d.op) is None:
+            read = Transposed(di.input, affine.then_per_channel(di.op, d.op))
+        elif isinstance(di, Affine) and affine.check_compose(d.op, di.op) is None:
+            read = Affine(di.input, affine.compose(d.op, di.op))
+        else:
+            return
+        self._described[add], self._bias_of[add], self.attached[add] = read, inner, [inner]
 
     def _channels_last(self) -> set:
         """[B, ..., C] values (3-D and up) a matmul with a constant weight reads or writes and those elementwise
@@ -269,9 +272,16 @@ class RelaxView:
         if str(a.out_layout) not in ("", str(a.data_layout)):
             raise Declined(f"out_layout {a.out_layout}")
         x, w = self._input(call.args[0]), self._need(call.args[1], "conv weight")
-        pad = _ints(a.padding)  # conv2d: top, left, bottom, right; conv1d: left, right (or one per dim)
-        pads = pad if len(pad) == rank else tuple(zip(pad[:rank], pad[rank:]))
-        return Affine(x, affine.conv(w, None, _ints(a.strides), pads, _ints(a.dilation), int(a.groups)))
+        return Affine(x, affine.conv(w, None, _ints(a.strides), _pads(a, rank), _ints(a.dilation), int(a.groups)))
+
+    def _conv_transpose(self, var, call):
+        a, rank = call.attrs, _TRANSPOSED[call.op.name]
+        data = ("NCW", "NCHW", "NCDHW")[rank - 1]
+        if (str(a.data_layout), str(a.kernel_layout)) != (data, "IO" + data[2:]) or str(a.out_layout) not in ("", data):
+            raise Declined(f"layout {a.data_layout}/{a.kernel_layout}/{a.out_layout}")
+        x, w = self._input(call.args[0]), self._need(call.args[1], "conv weight")  # [I, O/g, *k]
+        return Transposed(x, affine.conv_transpose(w, None, _ints(a.strides), _pads(a, rank), _ints(a.output_padding),
+                                                   _ints(a.dilation), int(a.groups)))
 
     def _batch_norm(self, var, item: relax.TupleGetItem):
         tup = item.tuple_value
@@ -429,6 +439,12 @@ class RelaxView:
         return Concat(items) if all(p is not None and p.rank == layout.rank for p in parts) else None
 
 
+def _pads(attrs, rank: int) -> affine.Pads:
+    """A conv's padding: every dim's begin, then every end (conv2d: top, left, bottom, right), or one per dim."""
+    pad = _ints(attrs.padding)
+    return pad if len(pad) == rank else tuple(zip(pad[:rank], pad[rank:]))
+
+
 def _keeps_last_dim(expr, var) -> bool:
     """A reshape of a tensor var that keeps its last dim (tokens [B, N, C] <-> [B*N, C])."""
     return _op_name(expr) == "relax.reshape" and keeps_channels_last(_dims(expr.args[0]), _dims(var))
@@ -472,14 +488,16 @@ _LAYOUT = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.sq
 # elementwise activations, by the name patterns.channels.ACTIVATIONS knows them
 _ACTIVATION = {"relax.nn.relu": "relu", "relax.sigmoid": "sigmoid", "relax.tanh": "tanh", "relax.nn.silu": "silu"}
 _ELEMENTWISE = {"relax.add": "add", "relax.subtract": "sub", "relax.multiply": "mul", "relax.divide": "div"}
-_WEIGHTED = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul")  # what the writer writes with a bias add
+_TRANSPOSED = {"relax.nn.conv1d_transpose": 1, "relax.nn.conv2d_transpose": 2, "relax.nn.conv3d_transpose": 3}
+_WEIGHTED = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul", *_TRANSPOSED)  # the writer adds their bias
 _CHANNELS_FIRST = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.batch_norm", "relax.nn.avg_pool2d",
-                   "relax.nn.pad", "relax.slice_scatter")
+                   "relax.nn.pad", "relax.slice_scatter", *_TRANSPOSED)
 
 _READERS = {
     "relax.nn.conv2d": RelaxView._conv, "relax.nn.conv1d": RelaxView._conv, "relax.matmul": RelaxView._matmul,
     "relax.take": RelaxView._gather, "relax.nn.avg_pool2d": RelaxView._avg_pool, "relax.nn.pad": RelaxView._pad,
     "relax.concat": RelaxView._concat, "relax.slice_scatter": RelaxView._slice_scatter, "relax.clip": RelaxView._clip,
     "relax.reshape": RelaxView._regroup,
+    **dict.fromkeys(_TRANSPOSED, RelaxView._conv_transpose),
     **{name: RelaxView._binary for name in _ELEMENTWISE}, **{name: RelaxView._activation for name in _ACTIVATION},
 }

@@ -125,6 +125,13 @@ class _Writer(relax.PyExprMutator):
         y = self._conv(self._let(x), self._const(op.weight), op, op.groups)  # weight [O, I/g, *k]
         return relax.op.add(self._let(y), self._vector(op.bias, op.rank)) if np.any(op.bias) else y
 
+    def conv_transpose(self, x, op) -> relax.Expr:
+        make = (relax.op.nn.conv1d_transpose, relax.op.nn.conv2d_transpose, relax.op.nn.conv3d_transpose)[op.rank - 1]
+        pads = [b for b, _ in op.pads] + [e for _, e in op.pads]  # every dim's begin, then every end
+        y = make(self._let(x), self._const(op.weight), strides=list(op.stride), padding=pads,  # weight [I, O/g, *k]
+                 output_padding=list(op.output_padding), dilation=list(op.dilation), groups=op.groups)
+        return relax.op.add(self._let(y), self._vector(op.bias, op.rank)) if np.any(op.bias) else y
+
     def linear(self, x, weight, bias) -> relax.Expr:
         y = relax.op.matmul(self._let(x), self._const(weight.T))  # [I, O]: x @ W.T over the last axis
         return relax.op.add(self._let(y), self._const(bias)) if np.any(bias) else y  # [O]

@@ -20,6 +20,10 @@ gives the three rules:
   trap: B's border sees zeros where the fused op would see A's bias.
 * ``concat(A_1 .. A_n)``  stacks output channels after aligning kernels.
 
+A transposed conv (``ConvTranspose``, the adjoint of a conv) is no AffineConv and
+nothing composes *into* it; only a per-channel op after it folds, by scaling its
+output channels (``then_per_channel``), exactly for any geometry.
+
 Every check returns a reason string (or None when the rule applies) so users
 can see why a region was left alone; the builders assume the check passed.
 All arithmetic is float64 numpy; adapters cast back to the model's dtype.
@@ -40,6 +44,7 @@ __all__ = [
     "avg_pool", "scale", "channel_vector", "elementwise",
     "check_add", "add", "align", "check_compose", "compose", "check_concat", "concat",
     "check_pad_with", "pad_with", "describe",
+    "ConvTranspose", "conv_transpose", "check_then_per_channel", "then_per_channel",
 ]
 
 
@@ -484,6 +489,68 @@ def check_pad_with(a: AffineConv, pads: Pads, values: np.ndarray, rtol: float = 
 
 def pad_with(a: AffineConv, pads: Pads) -> AffineConv:
     return AffineConv(a.weight, a.bias, a.stride, tuple(pads), a.dilation, a.groups)
+
+
+# ---------------------------------------------------------------- transposed convolution
+
+@dataclass(frozen=True, eq=False)
+class ConvTranspose:
+    """conv_transpose(x, weight, stride, pads, output_padding, dilation, groups) + bias: input position i
+    scatters its kernel to outputs i*stride - pad_begin + dilation*t; output_padding adds outputs at the end."""
+
+    weight: np.ndarray  # [I, O/g, *kernel]
+    bias: np.ndarray  # [O]
+    stride: tuple[int, ...]
+    pads: Pads
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def rank(self) -> int:
+        return len(self.stride)
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    def signature(self) -> tuple:
+        return (self.weight.shape, self.stride, self.pads, self.output_padding, self.dilation, self.groups, "T")
+
+
+def conv_transpose(weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
+                   groups: int = 1) -> ConvTranspose:
+    """An existing transposed convolution; ``padding`` as for `conv`."""
+    w = _f64(weight)  # [I, O/g, *k]
+    rank, out = w.ndim - 2, w.shape[1] * int(groups)
+    b = np.zeros(out) if bias is None else _f64(bias).reshape(out)
+    return ConvTranspose(w, b, as_tuple(stride, rank), _pads(padding, rank), as_tuple(output_padding, rank),
+                         as_tuple(dilation, rank), int(groups))
+
+
+def check_then_per_channel(t: ConvTranspose, b: AffineConv) -> str | None:
+    """Can b(t(x)) be one transposed conv?  Only when b scales and shifts t's output channels."""
+    if b.per_channel() is None:
+        return "only per-channel ops fold into a transposed conv"
+    if b.rank != t.rank or b.out_channels != t.out_channels:
+        return (f"per-channel op over {b.out_channels} channels and {b.rank} spatial dims after a transposed "
+                f"conv with {t.out_channels} and {t.rank}")
+    return None
+
+
+def then_per_channel(t: ConvTranspose, b: AffineConv) -> ConvTranspose:
+    """b(t(x)) with b per-channel (y_o = s_o y_o + c_o): W'[i, j] = s_o W[i, j] for the output channel
+    o = group(i) * O/g + j that W[i, j] writes, b' = s b + c; call check_then_per_channel first."""
+    s, c = b.per_channel()
+    g, rank = t.groups, t.rank
+    w = t.weight.reshape((g, -1) + t.weight.shape[1:])  # [g, I/g, O/g, *k]
+    w = w * s.reshape((g, 1, -1) + (1,) * rank)  # s as [g, 1, O/g, 1 x rank]
+    return ConvTranspose(w.reshape(t.weight.shape), s * t.bias + c, t.stride, t.pads, t.output_padding,  # [I, O/g, *k]
+                         t.dilation, g)
 
 
 def describe(op: AffineConv) -> str:

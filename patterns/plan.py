@@ -8,14 +8,14 @@ It never touches an IR.  The vocabulary:
                  earlier edit of the same plan may have replaced it)
     Constant     the value the view computed for a key at plan time (constant folding)
     Apply        an AffineConv on a term; `lower` decides how it is written (one conv,
-                 one linear, or a per-channel scale and shift)
+                 one linear, or a per-channel scale and shift); or a ConvTranspose
     Relu         relu of a term
     Reshape      a term reshaped like an existing value (tokens [B, N, C] <-> [B*N, C])
     BatchedConv  one conv whose kernel differs per sample (dynamic-conv aggregation)
 
-Each IR has one writer: an `Emitter` (constant, conv, linear, scale_shift, relu, reshape,
-batched_conv) that `emit` drives over a term, plus the IR's own walk that places the
-result, replaces uses and removes what died.  An IR that cannot express an edit says why
+Each IR has one writer: an `Emitter` (constant, conv, conv_transpose, linear, scale_shift,
+relu, reshape, batched_conv) that `emit` drives over a term, plus the IR's own walk that
+places the result, replaces uses and removes what died.  An IR that cannot express an edit says why
 (`Writer.cannot_write`) and the driver records a decline; a rule never guesses.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable, Protocol, Union
 
 import numpy as np
 
-from .affine import AffineConv, regroup
+from .affine import AffineConv, ConvTranspose, regroup
 
 Key = Hashable
 
@@ -52,10 +52,10 @@ class Constant:
 @dataclass(frozen=True, eq=False)
 class Apply:
     """op(input): one conv, one linear or a per-channel scale and shift, as `lower(op)` decides for
-    every IR."""
+    every IR; or one transposed conv."""
 
     input: "Term"
-    op: AffineConv
+    op: AffineConv | ConvTranspose
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,15 +142,18 @@ def _shape(term, label) -> Any:
 
 # ---------------------------------------------------------------- lowering: one decision for every IR
 
-def lower(op: AffineConv) -> list[tuple]:
+def lower(op: AffineConv | ConvTranspose) -> list[tuple]:
     """How an AffineConv is written, in every IR:
 
     * per-channel (y_c = s_c x_c + t_c, any rank): [("scale_shift", s or None, t or None)], never a new
       conv (a step that does nothing is left out, at least one stays);
     * no spatial dims: [("linear", W[O, I], b[O])]; linear layers have no groups, so a grouped one is
       written block-diagonally dense;
-    * otherwise [("conv", op)].
+    * otherwise [("conv", op)];
+    * a ConvTranspose: [("conv_transpose", op)].
     """
+    if isinstance(op, ConvTranspose):
+        return [("conv_transpose", op)]
     per = op.per_channel()
     if per is not None:
         scale, shift = per
@@ -172,6 +175,7 @@ class Emitter(Protocol):
 
     def constant(self, of: Key) -> Any: ...
     def conv(self, x: Any, op: AffineConv) -> Any: ...
+    def conv_transpose(self, x: Any, op: ConvTranspose) -> Any: ...
     def linear(self, x: Any, weight: np.ndarray, bias: np.ndarray) -> Any: ...
     def scale_shift(self, x: Any, scale: np.ndarray | None, shift: np.ndarray | None, rank: int) -> Any: ...
     def relu(self, x: Any) -> Any: ...
@@ -188,6 +192,8 @@ def emit(out: Emitter, term: Term, value_of: Callable[[Key], Any]) -> Any:
         for step in lower(term.op):
             if step[0] == "conv":
                 x = out.conv(x, step[1])
+            elif step[0] == "conv_transpose":
+                x = out.conv_transpose(x, step[1])
             elif step[0] == "linear":
                 x = out.linear(x, step[1], step[2])
             else:

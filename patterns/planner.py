@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from . import affine
-from .affine import AffineConv, Declined
+from .affine import AffineConv, ConvTranspose, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
 from .plan import Apply, Replace, Reshape, RulePlan, written_steps
 
@@ -94,6 +94,15 @@ class Pointwise:
     fn: object  # Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class Transposed:
+    """value = op(input), a transposed conv.  No region extends through it; `repfuse.patterns.transposed`
+    folds the per-channel ops after it."""
+
+    input: Key
+    op: ConvTranspose
+
+
 def padded(input: Key, channels: int, pads: affine.Pads, values, rtol: float = 1e-5) -> Affine | PadWith:
     """Padding with a constant (scalar or per channel): zero padding is an affine op, anything else waits
     for the op before it to produce exactly that value on a zero input."""
@@ -108,7 +117,7 @@ def precision(eps: float) -> float:
     return max(1e-5, 4 * float(eps))
 
 
-Description = Affine | PadWith | Sum | Concat | Regroup | Scaled | Pointwise
+Description = Affine | PadWith | Sum | Concat | Regroup | Scaled | Pointwise | Transposed
 
 
 class Layout(NamedTuple):
@@ -259,7 +268,7 @@ def _build_maps(view: GraphView, values, order, boundaries):
         except Declined as e:
             declined[v] = str(e)
             continue
-        if d is None or isinstance(d, (Scaled, Pointwise)):
+        if d is None or isinstance(d, (Scaled, Pointwise, Transposed)):
             continue
         try:
             region = _extend_region(view, v, d, input_map, merged)

@@ -8,10 +8,12 @@ options, report rows, declines and test ids all use it.  The order matters:
 2. `affine` (branch merging, BatchNorm/pad/pool folding) before the rules below,
    because they read its output: a dynamic conv's terms and a dead channel's
    producer are one conv only once their BatchNorms are folded;
-3. `dynamic_conv` aggregates K weighted convs into one;
-4. `dead_channels` removes constant channels (after BN folding, so a zero BN gamma
+3. `conv_transpose` folds the per-channel ops that `affine` leaves after a transposed conv
+   (nothing composes through one) into its weights and bias;
+4. `dynamic_conv` aggregates K weighted convs into one;
+5. `dead_channels` removes constant channels (after BN folding, so a zero BN gamma
    shows as zero weights);
-5. `ghost_concat` (off by default: see its entry).
+6. `ghost_concat` (off by default: see its entry).
 
 Each rule is a function GraphView -> RulePlan (patterns.plan); `run` applies them through
 an IR's `Adapter` to a fixed point: `affine` runs again after any other rule changed the
@@ -25,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-from . import channels, dynamic, ghost, planner
+from . import channels, dynamic, ghost, planner, transposed
 from .plan import Constant, Decline, Replace, RulePlan
 from .planner import GraphView
 
@@ -64,6 +66,8 @@ RULES: tuple[Rule, ...] = (
                                    "fake-quantized weights, transposes of constants)", fold_constants),
     Rule("affine", True, "merge parallel branches and fold BatchNorm, per-channel scales, zero pads and "
                          "average pools into one conv per region", planner.fuse_regions),
+    Rule("conv_transpose", True, "fold BatchNorm and per-channel scales and shifts after a transposed conv into "
+                                 "its weights and bias", transposed.fold),
     Rule("dynamic_conv", True, "sum_k pi_k(x) * conv(x, W_k) with per-sample scalars pi_k -> one conv with "
                                "the aggregated kernel sum_k pi_k W_k", dynamic.aggregate),
     Rule("dead_channels", True, "remove output channels that are constant (all-zero weights) from their "

@@ -153,8 +153,8 @@ def test_dynamic_conv_report(tmp_path):
     _, report = pipeline.optimize(onnx.load(str(src)))
     row = rule(report, "dynamic_conv")
     assert row.enabled and row.applied == 2 and "8 weighted convs -> 2" in row.detail
-    assert [r["name"] for r in report.to_dict()["rules"]][:4] == ["constant_folding", "affine", "dynamic_conv",
-                                                                  "dead_channels"]
+    assert [r["name"] for r in report.to_dict()["rules"]][:5] == ["constant_folding", "affine", "conv_transpose",
+                                                                  "dynamic_conv", "dead_channels"]
 
 
 # ---------------------------------------------------------------- zoo networks
@@ -212,7 +212,8 @@ def test_list_rules(capsys):
     assert main(["optimize", "--list-rules"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines[1:] if not line[:1].isspace()]  # summaries wrap onto indented lines
-    assert [r[0] for r in rows] == ["constant_folding", "affine", "dynamic_conv", "dead_channels", "ghost_concat"]
+    assert [r[0] for r in rows] == ["constant_folding", "affine", "conv_transpose", "dynamic_conv", "dead_channels",
+                                    "ghost_concat"]
     assert rows[-1][1] == "off" and rows[0][1] == "on"
 
 

@@ -35,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 from zoo.timm_corpus import CORPUS, build, timm_convert  # noqa: E402
+from harness import interleaved  # noqa: E402
 
 IRS = ("fx", "onnx", "tvm")
 TOLERANCE = 1e-4  # max abs error relative to max |output| of the training form (float32 noise of deep nets)
@@ -62,6 +63,7 @@ class Result:
     timm: Counts | None = None
     repfuse: Counts | None = None
     errors: list[float] = field(default_factory=list)  # relative max abs error per input size
+    latency: float | None = None  # onnxruntime median time, repfuse's output over the training export (--latency)
     seconds: float = 0.0
     failure: str = ""
 
@@ -181,7 +183,8 @@ def _export_onnx(model, x, exporter: str) -> bytes:
         return buf.getvalue()
 
 
-def measure_onnx(model, reference, xs, exporter: str) -> tuple[Counts, Counts, Counts, list[float]]:
+def measure_onnx(model, reference, xs, exporter: str, latency: bool = False):
+    """Counts, errors, and with `latency` repfuse's median onnxruntime time over the training export's."""
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
@@ -196,8 +199,15 @@ def measure_onnx(model, reference, xs, exporter: str) -> tuple[Counts, Counts, C
     name = session.get_inputs()[0].name
     errors = [relative_error(session.run(None, {name: x.numpy()})[0],
                              reference_session.run(None, {name: x.numpy()})[0]) for x in xs]
+    ratio = None
+    if latency:
+        feed = {name: xs[0].numpy()}
+        samples, _ = interleaved({"repfuse": lambda: session.run(None, feed),
+                                  "training": lambda: reference_session.run(None, feed)}, warmup=3, budget_s=4.0,
+                                 min_rounds=10)
+        ratio = float(np.median(samples["repfuse"]) / np.median(samples["training"]))
     counts = [onnx_counts(ir.serde.deserialize_model(m)) for m in (training, converted)]
-    return counts[0], counts[1], onnx_counts(fused), errors
+    return counts[0], counts[1], onnx_counts(fused), errors, ratio
 
 
 def _relax(model, x):
@@ -232,7 +242,7 @@ def measure_tvm(model, reference, xs) -> tuple[Counts, Counts, Counts, list[floa
 MEASURE = {"fx": measure_fx, "onnx": measure_onnx, "tvm": measure_tvm}
 
 
-def measure(name: str, ir: str) -> Result:
+def measure(name: str, ir: str, latency: bool = False) -> Result:
     """One corpus model through one IR; never raises (a failure is the row's status)."""
     entry = next(m for m in CORPUS if m.name == name)
     result = Result(name, ir)
@@ -240,9 +250,10 @@ def measure(name: str, ir: str) -> Result:
     try:
         model = build(name, **dict(entry.kwargs))
         reference = timm_convert(model)
-        extra = (entry.exporter or EXPORTER,) if ir == "onnx" else ()
-        result.training, result.timm, result.repfuse, result.errors = MEASURE[ir](model, reference, inputs(entry),
-                                                                                  *extra)
+        extra = (entry.exporter or EXPORTER, latency) if ir == "onnx" else ()
+        found = MEASURE[ir](model, reference, inputs(entry), *extra)
+        result.training, result.timm, result.repfuse, result.errors = found[:4]
+        result.latency = found[4] if len(found) > 4 else None
     except Exception as e:  # a table row, not a crash of the whole run
         first = (str(e).strip().splitlines() or [""])[0]
         result.failure = f"{type(e).__name__}: {first[:120]}"
@@ -258,8 +269,10 @@ def table(results: list[Result], irs: list[str]) -> str:
     by_model: dict[str, dict[str, Result]] = {}
     for r in results:
         by_model.setdefault(r.model, {})[r.ir] = r
-    head = "| model | family | " + " | ".join(f"{ir}: training → timm → repfuse" for ir in irs) + " | status |"
-    lines = [head, "|" + "---|" * (3 + len(irs))]
+    timed = any(r.latency for r in results)
+    head = "| model | family | " + " | ".join(f"{ir}: training → timm → repfuse" for ir in irs)
+    head += " | onnxruntime latency, repfuse / training |" * timed + " | status |"
+    lines = [head, "|" + "---|" * (3 + len(irs) + timed)]
     for entry in CORPUS:
         rows = by_model.get(entry.name)
         if not rows:
@@ -276,6 +289,9 @@ def table(results: list[Result], irs: list[str]) -> str:
                 cells.append(f"{r.training} → {r.timm} → **{r.repfuse}**")
                 if r.status != "ok":
                     states.append(f"{ir}: {r.status}")
+        if timed:
+            latency = rows.get("onnx").latency if rows.get("onnx") else None
+            cells.append("–" if latency is None else f"{latency:.3f}")
         lines.append(f"| {entry.name} | {entry.family} | " + " | ".join(cells) + f" | {'; '.join(states) or 'ok'} |")
     return "\n".join(lines)
 
@@ -298,6 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ir", default=",".join(IRS), help="comma-separated IRs among fx,onnx,tvm (default: all)")
     parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default=EXPORTER,
                         help="torch.onnx.export's exporter for the ONNX column (default: %(default)s)")
+    parser.add_argument("--latency", action="store_true",
+                        help="also time repfuse's ONNX output against the training export on onnxruntime")
     parser.add_argument("--readme", action="store_true", help="rewrite the corpus table in README.md")
     args = parser.parse_args(argv)
     EXPORTER = args.exporter
@@ -311,11 +329,15 @@ def main(argv=None) -> int:
     if set(irs) - set(IRS):
         parser.error(f"--ir takes {', '.join(IRS)}")
     results = []
+    tvm_subset = {m.name for m in CORPUS if m.tvm}
     for name in names:
         for ir in irs:
-            r = measure(name, ir)
+            if ir == "tvm" and not args.models and name not in tvm_subset:
+                continue  # TVM on its subset unless models are named
+            r = measure(name, ir, latency=args.latency)
             results.append(r)
-            print(f"{name:24} {ir:5} {r.seconds:6.1f}s  {r.training} -> {r.timm} -> {r.repfuse}  {r.status}",
+            speed = f"  onnxruntime x{r.latency:.3f}" if r.latency else ""
+            print(f"{name:24} {ir:5} {r.seconds:6.1f}s  {r.training} -> {r.timm} -> {r.repfuse}  {r.status}{speed}",
                   file=sys.stderr, flush=True)
     text = "counts are convs/BatchNorms/linears\n\n" + table(results, irs)
     print(text)

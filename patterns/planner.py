@@ -373,8 +373,8 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
         if v in absorbed or _written_ops(view, region.op) >= len(region.nodes) - region.regroups:
             continue  # written with as many ops as it has (one op and views; pad + conv on FX): nothing to fuse
         if region.weighted == 0 and written_steps(region.op) == 0:
-            result.declined[v] = ("per-channel ops with zero padding would become a new conv "
-                                  "(left as they are: the cheapest form for the backend)")
+            result.declined[v] = ("per-channel ops (and zero padding) only: fused they would be a new conv or "
+                                  "linear; left as they are, the cheapest form for the backend")
             continue
         if _too_expensive(region):
             result.declined[v] = (f"fused op would cost {region.fused_cost:.0f} MACs per input position, "

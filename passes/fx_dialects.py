@@ -80,6 +80,9 @@ _register([operator.getitem], "getitem", ("input", "index"))
 _register([torch.flatten, aten.flatten.using_ints, "flatten"], "regroup", ("input", "start_dim", "end_dim"))
 _register([torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default, "reshape", "view"],
           "regroup", ("input", "shape"))
+_register([torch.permute, aten.permute.default, "permute"], "permute", ("input", "dims"))
+_register([torch.transpose, torch.swapaxes, aten.transpose.int, "transpose", "swapaxes"], "transpose",
+          ("input", "dim0", "dim1"))
 _register([F.hardtanh, aten.hardtanh.default], "clamp", ("input", "min_val", "max_val"), min_val=-1.0, max_val=1.0)
 _register([torch.clamp, aten.clamp.default, "clamp"], "clamp", ("input", "min", "max"))
 for _fn, _targets in {"relu": (F.relu, torch.relu, aten.relu.default, "relu"), "relu6": (F.relu6,),

@@ -19,8 +19,8 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, Pointwise, Regroup, Scaled, Sum, Transposed, need_layout,
-                                padded, precision, read_once)
+from ..patterns.planner import (Affine, Concat, Layout, Permute, Pointwise, Regroup, Scaled, Sum, Transposed,
+                                need_layout, padded, precision, read_once, splits_channels)
 from .fx_dialects import CONV_MODULES, IN_PLACE, SHAPE_OF_OTHER, Call, normalize
 from ..patterns.report import GraphStats
 
@@ -208,7 +208,8 @@ class FxView:
 
     def _token_values(self) -> set[fx.Node]:
         """Values read channels-last: what a linear reads or writes over the last dim of an N-D tensor
-        ([B, N, C] tokens), and reshapes of those that keep the last dim."""
+        ([B, N, C] tokens), reshapes of those that keep the last dim, and transposes that keep it last or move
+        a channels-first value's channels there (a BatchNorm1d's [B, C, N] back to [B, N, C])."""
         out = set()
         for node in self._values:
             try:
@@ -221,6 +222,10 @@ class FxView:
                 out.update((x, node))
             elif op == "regroup" and (x in out or (shape is not None and len(shape) == 2)):
                 out.add(node)
+            elif op in ("permute", "transpose") and len(shape or ()) > 2:
+                last = (_perm(node, call, len(shape)) or [None])[-1]
+                if last == len(shape) - 1 and x in out or last == 1 and x not in out and _channels_first(self, x):
+                    out.add(node)
         return out
 
 
@@ -422,7 +427,39 @@ def _regroup(view: FxView, node, c: Call):
     x, after = view.input(c["input"]), node_shape(node)
     layout = view.layout(x)  # channels last (rank 0), and the same channels after: only leading dims moved
     same = layout is not None and not layout.rank and after and static_size(after[-1]) == layout.channels
-    return Regroup(x) if same and node in view.channels_last else None
+    if same and node in view.channels_last:
+        return Regroup(x)
+    if reason := splits_channels(node_shape(x), after and [static_size(d) or d for d in after], layout):
+        raise Declined(reason)
+    return None
+
+
+def _perm(node, c: Call, ndim: int) -> tuple[int, ...] | None:
+    """The permutation of a permute (dims as a list, or as x.permute(0, 2, 1)'s varargs) or a transpose."""
+    dims = [c["dim0"], c["dim1"]] if c.op == "transpose" else node.args[1:] if isinstance(c["dims"], int) else c["dims"]
+    if not all(isinstance(d, int) for d in dims or [None]):
+        return None
+    dims, perm = [d % ndim for d in dims], list(range(ndim))
+    if c.op == "transpose":
+        perm[dims[0]], perm[dims[1]] = dims[1], dims[0]
+    return tuple(perm if c.op == "transpose" else dims)
+
+
+def _permute(view: FxView, node, c: Call):
+    x = view.input(c["input"])
+    perm = None if node_shape(x) is None else _perm(node, c, len(node_shape(x)))
+    return None if perm is None else Permute(x, perm)
+
+
+def _channels_first(view: FxView, x) -> bool:
+    """x is surely read channels-first: a conv, BatchNorm, pool or pad wrote it (aten's BatchNorm: item 0)."""
+    try:
+        call = view.call(x) if isinstance(x, fx.Node) else None
+    except Declined:
+        return False
+    bn = call is not None and call.op == "getitem" and \
+        getattr(call["input"], "target", None) is aten._native_batch_norm_legit_no_training.default
+    return bn or call is not None and call.op in ("conv", "batch_norm", "avg_pool", "pad")
 
 
 def _cat(view: FxView, node, c: Call):
@@ -441,7 +478,7 @@ _FRESH_RESULTS = {"conv", "batch_norm", "linear", "addmm", "matmul", "add", "sub
 READERS = {"conv": _conv, "batch_norm": _batch_norm, "getitem": _getitem, "linear": _linear, "addmm": _matmul,
            "matmul": _matmul, "pad": _pad, "avg_pool": _avg_pool, "identity": _identity, "dropout": _dropout,
            "activation": _activation, "clamp": _activation, "add": _sum, "sub": _sum, "mul": _mul, "div": _div,
-           "neg": _neg, "cat": _cat, "regroup": _regroup,
+           "neg": _neg, "cat": _cat, "regroup": _regroup, "permute": _permute, "transpose": _permute,
            "conv_transpose": _conv_transpose}
 
 

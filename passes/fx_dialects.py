@@ -87,6 +87,9 @@ _register([torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_
 # reshape_as / view_as read `other` for its shape only (passes.fx: not a reader of its value)
 SHAPE_OF_OTHER = {aten.reshape_as.default, aten.view_as.default, "reshape_as", "view_as"}
 _register(SHAPE_OF_OTHER, "regroup", ("input", "other"))
+_register([torch.permute, aten.permute.default, "permute"], "permute", ("input", "dims"))
+_register([torch.transpose, torch.swapaxes, aten.transpose.int, "transpose", "swapaxes"], "transpose",
+          ("input", "dim0", "dim1"))
 _register([F.hardtanh, aten.hardtanh.default], "clamp", ("input", "min_val", "max_val"), min_val=-1.0, max_val=1.0)
 _register([torch.clamp, aten.clamp.default, "clamp"], "clamp", ("input", "min", "max"))
 for _fn, _targets in {"relu": (F.relu, torch.relu, aten.relu.default, "relu"), "relu6": (F.relu6,),

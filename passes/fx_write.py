@@ -94,13 +94,16 @@ class FxEmitter:
     def relu(self, x: fx.Node) -> fx.Node:
         return self._call(torch.relu, x)
 
-    def reshape(self, x: fx.Node, like: fx.Node) -> fx.Node:
-        """x (the fused op on the source: the source's leading dims) reshaped to like's shape."""
-        sizes = _target_shape(node_shape(like), node_shape(self.source))
+    def reshape(self, x: fx.Node, like: fx.Node, perm=None) -> fx.Node:
+        """x (the fused op on the source: the source's leading dims) reshaped to like's shape (read through perm)."""
+        sizes = _target_shape(P.unpermuted(node_shape(like), perm), node_shape(self.source))
         if sizes == "same":
             return x
         sizes = [self._call(torch.ops.aten.sym_size.int, x, d[1]) if isinstance(d, tuple) else d for d in sizes]
         return self._call(torch.reshape, x, sizes)
+
+    def permute(self, x: fx.Node, perm) -> fx.Node:
+        return self._call(torch.permute, x, list(perm))
 
     def batched_conv(self, x: fx.Node, term: P.BatchedConv) -> fx.Node:
         """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g)."""
@@ -149,7 +152,7 @@ class FxAdapter:
 
     def cannot_write(self, view: FxView, edit: P.Replace) -> str | None:
         for term in P.terms(edit.term):
-            if isinstance(term, P.Reshape) and _target_shape(node_shape(term.like),
+            if isinstance(term, P.Reshape) and _target_shape(P.unpermuted(node_shape(term.like), term.perm),
                                                              node_shape(P.source_of(term))) is None:
                 return "the region's output shape has dynamic dims its input does not give"
             op = term.op if isinstance(term, P.Apply) else term.static if isinstance(term, P.BatchedConv) else None

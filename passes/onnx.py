@@ -14,8 +14,9 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, Transposed,
-                                describe_or_none, keeps_channels_last, need_layout, padded, precision, read_once)
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Permute, Pointwise, Regroup, Scaled, Sum,
+                                Transposed, describe_or_none, keeps_channels_last, need_layout, padded, precision,
+                                read_once, splits_channels)
 from ..patterns.report import GraphStats
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
@@ -247,7 +248,7 @@ class OnnxView:
                     parent[v] = v = parent[parent[v]]
                 return v
 
-            last, first = [], []
+            last, first, transposes = [], [], []
             for node in self.graph:
                 ins = [v for v in node.inputs if v is not None and not _constant(v)]
                 if not ins:
@@ -261,7 +262,10 @@ class OnnxView:
                     last += [ins[0], node.outputs[0]]
                 elif node.op_type in _CHANNELS_FIRST:
                     first += ins + [node.outputs[0]]
+                elif node.op_type == "Transpose" and len(node.inputs[0].shape or ()) > 2:
+                    transposes.append(node)
             roots, mixed = {find(v) for v in last}, {find(v) for v in first if len(v.shape or ()) > 2}
+            roots |= _to_channels_last(transposes, find, roots, {find(v) for v in first})
             self._last = {v: True if find(v) not in mixed else None for v in list(parent) if find(v) in roots}
         return self._last
 
@@ -426,10 +430,25 @@ def _concat(view: OnnxView, node):
     return Concat(inputs) if on_channels and not any(v is None or _constant(v) for v in inputs) else None
 
 
+def _to_channels_last(transposes, find, roots: set, first: set) -> set:
+    """Classes a Transpose makes channels-last: it moves axis 1 of a channels-first value (one a channels-first
+    op reads or writes) to the end ([B, C, N] -> [B, N, C] after a BatchNorm1d)."""
+    out = set()
+    for node in transposes:
+        x, perm = node.inputs[0], _perm(node)
+        if perm[-1] == 1 and find(x) in first and find(x) not in roots | out:
+            out.add(find(node.outputs[0]))
+    return out
+
+
+def _perm(node: ir.Node) -> tuple[int, ...]:
+    return tuple(node.attributes.get_ints("perm", list(range(len(node.inputs[0].shape)))[::-1]))
+
+
 def _gemm(view: OnnxView, node):
+    """Y = alpha * A' B' + beta * C, a linear over A's last axis; with transA=1 over A's first (A is [K, M]), read
+    as a Permute: the linear of A's transpose (ops before it act on A's axis 1, not the axis the Gemm reads)."""
     a = node.attributes
-    if a.get_int("transA", 0):
-        return None
     x = view.input(node)
     if len(x.shape or ()) != 2:
         raise Declined("Gemm input is not [N, C]")
@@ -439,7 +458,7 @@ def _gemm(view: OnnxView, node):
     if c is not None and (c.size not in (1, w.shape[0]) or c.ndim == 2 and c.shape[0] != 1):
         raise Declined("Gemm bias is not per-output")
     bias = None if c is None else np.broadcast_to(c.reshape(-1) * a.get_float("beta", 1.0), (w.shape[0],))  # [O]
-    return Affine(x, affine.linear(w, bias))
+    return Permute(x, (1, 0), affine.linear(w, bias)) if a.get_int("transA", 0) else Affine(x, affine.linear(w, bias))
 
 
 def _matmul(view: OnnxView, node):
@@ -454,7 +473,23 @@ def _regroup(view: OnnxView, node):
     """Reshape / Flatten that only regroups the leading dims of a channels-last value ([B, N, C] -> [B*N, C])."""
     x = node.inputs[0]
     before, after = (None, None) if x is None or _constant(x) else (view.layout(x), view.layout(node.outputs[0]))
-    return Regroup(x) if before is not None and before == after and before.rank == 0 else None
+    if before is not None and before == after and before.rank == 0:
+        return Regroup(x)
+    if reason := splits_channels(_dims(x), _dims(node.outputs[0]), before):
+        raise Declined(reason)
+    return None
+
+
+def _transpose(view: OnnxView, node):
+    """A Transpose: part of DBB's border writes when a Pad or ScatterND is next to it, else a view (`Permute`)."""
+    near, up = [u.node for u in node.outputs[0].uses()], node
+    while up is not None and up.op_type in _BORDER_WRITE:
+        near.append(up)
+        up = None if up.inputs[0] is None else up.inputs[0].producer()
+    if any(n.op_type == "ScatterND" for n in near) or up is not None and up.op_type == "Pad":
+        return _border_fill(view, node)
+    x = node.inputs[0]
+    return None if x is None or _constant(x) or x.shape is None else Permute(x, _perm(node))
 
 
 def _average_pool(view: OnnxView, node):
@@ -542,7 +577,7 @@ READERS = {
     **dict.fromkeys(("Add", "Sub", "Mul", "Div"), _elementwise), "Clip": _pointwise, "Concat": _concat, "Gemm": _gemm,
     **dict.fromkeys(("Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid"), _pointwise), "AveragePool": _average_pool,
     "MatMul": lambda view, node: None if view._pair(node) is not None else _matmul(view, node),
-    "Pad": _pad, "ScatterND": _border_fill, "Transpose": _border_fill, "Reshape": _regroup, "Flatten": _regroup,
+    "Pad": _pad, "ScatterND": _border_fill, "Transpose": _transpose, "Reshape": _regroup, "Flatten": _regroup,
     "ConvTranspose": _conv_transpose,
 }
 

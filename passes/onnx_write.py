@@ -10,7 +10,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
 from ..patterns.affine import AffineConv, ConvTranspose
-from ..patterns.plan import BatchedConv, Replace, Reshape, Resize, emit, reshape_sizes, source_of, terms
+from ..patterns.plan import (BatchedConv, Permute, Replace, Reshape, Resize, emit, reshape_sizes, source_of, terms,
+                             unpermuted)
 from ..patterns.rules import Run, enabled, run
 from .onnx import OnnxView, opset
 
@@ -26,7 +27,7 @@ def run_rules(model: ir.Model, rules: frozenset[str] | None = None,
 
 class Emitter:
     """`patterns.plan.Emitter`: one term's nodes, uniquely named, typed as the value `start` names and shaped as it
-    with their channel count (as the source when the term regroups leading dims at the end)."""
+    with their channel count (as the source when the term ends in views of the fused op: reshape, transpose)."""
 
     def __init__(self, view: OnnxView, value_of: Callable):
         self.view, self.graph, self.value_of = view, view.graph, value_of
@@ -36,7 +37,7 @@ class Emitter:
     def start(self, target: ir.Value, term) -> None:
         self.target, self.nodes, self.stem = target, [], target.producer().name or target.name or "repfuse"
         self.source = source_of(term)
-        self.shaped = self.source if any(isinstance(t, Reshape) for t in terms(term)) else target
+        self.shaped = self.source if isinstance(term, (Reshape, Permute)) else target
         floating = target.dtype is not None and target.dtype.is_floating_point()
         self.dtype = target.dtype.numpy() if floating else np.float32
 
@@ -84,8 +85,11 @@ class Emitter:
     def linear(self, x: ir.Value, weight: np.ndarray, bias: np.ndarray) -> ir.Value:
         """Gemm on [N, I]; Gemm is 2-D only, so tokens [..., I] get MatMul + Add."""
         if x.shape is not None and len(x.shape) == 2:
+            attrs, t = {"transB": 1}, x.producer()
+            if t in self.nodes and t.op_type == "Transpose":  # our own [M, K] -> [K, M]: Gemm reads A transposed
+                x, attrs["transA"] = t.inputs[0], 1  # (the Transpose, now unread, goes with the dead nodes)
             inputs = [x, self.weight("weight", weight), self.weight("bias", bias)]  # [O, I], [O]
-            return self.node("Gemm", inputs, {"transB": 1}, len(bias))
+            return self.node("Gemm", inputs, attrs, len(bias))
         y = self.node("MatMul", [x, self.weight("weight", weight.T)], channels=len(bias))  # [I, O]
         return self.node("Add", [y, self.weight("bias", bias)], channels=len(bias)) if np.any(bias) else y
 
@@ -99,10 +103,15 @@ class Emitter:
     def relu(self, x: ir.Value) -> ir.Value:
         return self.node("Relu", [x], shape=x.shape)
 
-    def reshape(self, x: ir.Value, like: ir.Value) -> ir.Value:
-        """x (the fused op on the source: the source's leading dims) reshaped to like's shape."""
-        sizes = _target_shape(like, self.source)
-        return x if sizes == "same" else self.node("Reshape", [x, self.ints("shape", sizes)], shape=like.shape)
+    def reshape(self, x: ir.Value, like: ir.Value, perm=None) -> ir.Value:
+        """x (the fused op on the source: the source's leading dims) reshaped to like's shape (read through perm)."""
+        sizes = _target_shape(like, self.source, perm)
+        shape = unpermuted(like.shape, perm)
+        return x if sizes == "same" else self.node("Reshape", [x, self.ints("shape", sizes)], shape=shape)
+
+    def permute(self, x: ir.Value, perm) -> ir.Value:
+        shape = None if x.shape is None else [x.shape[p] for p in perm]
+        return self.node("Transpose", [x], {"perm": list(perm)}, shape=shape)
 
     def batched_conv(self, x: ir.Value, term: BatchedConv) -> ir.Value:
         """A static batch N runs as groups: conv([1, N*C, ...], [N*O, I/g, *k], group=N*g); ONNX's group is an
@@ -161,10 +170,10 @@ def _geometry(op: AffineConv | ConvTranspose) -> dict:
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 
 
-def _target_shape(like: ir.Value, source: ir.Value | None) -> list[int] | str | None:
+def _target_shape(like: ir.Value, source: ir.Value | None, perm=None) -> list[int] | str | None:
     """patterns.plan.reshape_sizes in ONNX Reshape's terms: a source dim is 0 ("copy"), so only in its own
     place; "same" when no Reshape is needed; None when Reshape cannot say it."""
-    sizes = reshape_sizes(like.shape, None if source is None else source.shape,
+    sizes = reshape_sizes(unpermuted(like.shape, perm), None if source is None else source.shape,
                           lambda d: d if isinstance(d, int) else None, _same_dim)
     if sizes is None or sizes == "same":
         return sizes
@@ -199,7 +208,7 @@ class Adapter:
 
     def cannot_write(self, view: OnnxView, edit: Replace) -> str | None:
         for term in terms(edit.term):
-            if isinstance(term, Reshape) and _target_shape(term.like, source_of(edit.term)) is None:
+            if isinstance(term, Reshape) and _target_shape(term.like, source_of(edit.term), term.perm) is None:
                 return "the region's output shape has dynamic dims its input does not give"
             if isinstance(term, BatchedConv):
                 if term.input.shape is None or len(term.input.shape) != term.static.rank + 2:

@@ -17,8 +17,9 @@ from ..patterns import affine
 from ..patterns.affine import Declined
 from ..patterns.borders import border_fill
 from ..patterns.channels import ACTIVATIONS, clip
-from ..patterns.planner import (Affine, Concat, Layout, PadWith, Pointwise, Regroup, Scaled, Sum, Transposed,
-                                describe_or_none, keeps_channels_last, need_layout, padded, precision, read_once)
+from ..patterns.planner import (Affine, Concat, Layout, PadWith, Permute, Pointwise, Regroup, Scaled, Sum,
+                                Transposed, describe_or_none, keeps_channels_last, need_layout, padded, precision,
+                                read_once, splits_channels)
 
 __all__ = ["RelaxView"]
 
@@ -179,7 +180,16 @@ class RelaxView:
         """A reshape of a channels-last value that keeps its channels last: only the leading dims move."""
         x, before, after = call.args[0], self.layout(call.args[0]), self.layout(var)
         same = before is not None and after is not None and before == after and not before.rank
-        return Regroup(self._input(x)) if same and _keeps_last_dim(call, var) else None
+        if same and _keeps_last_dim(call, var):
+            return Regroup(self._input(x))
+        if reason := splits_channels(_dims(x), _dims(var), before):
+            raise Declined(reason)
+        return None
+
+    def _permute(self, var, call):
+        """A transpose (permute_dims): a view the planner may carry a pointwise region across."""
+        x = self._input(call.args[0])
+        return None if _dims(x) is None else Permute(x, _axes(call, len(_dims(x))))
 
     def _read_with_bias(self, add):
         """conv / matmul + per-channel constant, the conv read by nothing else: one Affine (Transposed) at the add."""
@@ -198,8 +208,10 @@ class RelaxView:
 
     def _channels_last(self) -> set:
         """[B, ..., C] values (3-D and up) a matmul with a constant weight reads or writes and those elementwise
-        ops chain to them; a value that a channels-first op (conv, BatchNorm, pool, pad) touches stays so."""
-        last, first, links = set(), set(), []
+        ops chain to them; a value that a channels-first op (conv, BatchNorm, pool, pad) touches stays so.  A
+        permute_dims keeping the last axis last is such a link; one moving a channels-first value's axis 1 last
+        makes its result channels-last ([B, C, N] -> [B, N, C] after a BatchNorm1d)."""
+        last, first, links, moves = set(), set(), [], []
         for var, expr in self.bound.items():
             name = _op_name(expr)
             args = [a for a in getattr(expr, "args", ()) if isinstance(a, relax.Var)]
@@ -209,8 +221,15 @@ class RelaxView:
                 links += [(a, var) for a in args if self.const(a) is None]
             elif name in _CHANNELS_FIRST or isinstance(expr, relax.TupleGetItem):
                 first.update(args + [var])
-        while grow := [(a, b) for a, b in links if (a in last) != (b in last) and not {a, b} & first]:
-            last.update(v for link in grow for v in link)
+            elif name == "relax.permute_dims" and args and len(_dims(var) or ()) > 2:
+                axes = _axes(expr, len(_dims(var)))
+                (links if axes[-1] == len(axes) - 1 else moves if axes[-1] == 1 else []).append((args[0], var))
+        while True:
+            while grow := [(a, b) for a, b in links if (a in last) != (b in last) and not {a, b} & first]:
+                last.update(v for link in grow for v in link)
+            if not (grow := {b for a, b in moves if a in first and not {a, b} & last and b not in first}):
+                break
+            last |= grow
         return {v for v in last - first if len(_dims(v) or ()) >= 3}
 
     def const(self, expr) -> np.ndarray | None:
@@ -445,6 +464,11 @@ def _pads(attrs, rank: int) -> affine.Pads:
     return pad if len(pad) == rank else tuple(zip(pad[:rank], pad[rank:]))
 
 
+def _axes(call, ndim: int) -> tuple[int, ...]:
+    """A permute_dims's permutation (None: reversed, as numpy)."""
+    return tuple(range(ndim))[::-1] if call.attrs.axes is None else tuple(int(a) % ndim for a in call.attrs.axes)
+
+
 def _keeps_last_dim(expr, var) -> bool:
     """A reshape of a tensor var that keeps its last dim (tokens [B, N, C] <-> [B*N, C])."""
     return _op_name(expr) == "relax.reshape" and keeps_channels_last(_dims(expr.args[0]), _dims(var))
@@ -497,7 +521,7 @@ _READERS = {
     "relax.nn.conv2d": RelaxView._conv, "relax.nn.conv1d": RelaxView._conv, "relax.matmul": RelaxView._matmul,
     "relax.take": RelaxView._gather, "relax.nn.avg_pool2d": RelaxView._avg_pool, "relax.nn.pad": RelaxView._pad,
     "relax.concat": RelaxView._concat, "relax.slice_scatter": RelaxView._slice_scatter, "relax.clip": RelaxView._clip,
-    "relax.reshape": RelaxView._regroup,
+    "relax.reshape": RelaxView._regroup, "relax.permute_dims": RelaxView._permute,
     **dict.fromkeys(_TRANSPOSED, RelaxView._conv_transpose),
     **{name: RelaxView._binary for name in _ELEMENTWISE}, **{name: RelaxView._activation for name in _ACTIVATION},
 }

@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from ..patterns.rules import Run, enabled, run as run_to_fixed_point
-from ..patterns.plan import Apply, BatchedConv, Constant, Replace, Reshape, emit, lower, terms
+from ..patterns.plan import Apply, BatchedConv, Constant, Replace, Reshape, emit, lower, terms, unpermuted
 from .relax import RelaxView, _dims, _dtype, _same_dim
 
 __all__ = ["run_rules"]
@@ -146,11 +146,14 @@ class _Writer(relax.PyExprMutator):
     def relu(self, x) -> relax.Expr:
         return relax.op.nn.relu(self._let(x))
 
-    def reshape(self, x, like) -> relax.Expr:
-        """x (the fused op on the source, the source's leading dims) regrouped to like's shape."""
-        x, want = self.builder_.normalize(x), _dims(like)  # normalize: x's type without binding it
+    def reshape(self, x, like, perm=None) -> relax.Expr:
+        """x (the fused op on the source, the source's leading dims) regrouped to like's shape (read through perm)."""
+        x, want = self.builder_.normalize(x), unpermuted(_dims(like), perm)  # normalize: x's type without binding it
         have = _dims(x)
         return x if len(have) == len(want) and all(map(_same_dim, have, want)) else relax.op.reshape(self._let(x), want)
+
+    def permute(self, x, perm) -> relax.Expr:
+        return relax.op.permute_dims(self._let(x), list(perm))
 
     def batched_conv(self, x, term: BatchedConv) -> relax.Expr:
         """conv(x as [1, N*C, ...], per-sample kernels [N*O, I/g, *k], groups N*g): static N, any spatial sizes."""

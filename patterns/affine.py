@@ -24,6 +24,11 @@ A transposed conv (``ConvTranspose``, the adjoint of a conv) is no AffineConv an
 nothing composes *into* it; only a per-channel op after it folds, by scaling its
 output channels (``then_per_channel``), exactly for any geometry.
 
+A pointwise op (1x1 kernel, stride 1, no padding) acts on every position alike,
+so it is the same map at any rank (``at_rank``): it commutes with a transpose or
+reshape that keeps the channel axis whole, which is how the planner carries a
+linear across ``transpose(1, 2)`` to the BatchNorm1d behind it.
+
 Every check returns a reason string (or None when the rule applies) so users
 can see why a region was left alone; the builders assume the check passed.
 All arithmetic is float64 numpy; adapters cast back to the model's dtype.
@@ -43,7 +48,7 @@ __all__ = [
     "conv", "linear", "per_channel", "batchnorm", "identity", "zero_pad",
     "avg_pool", "scale", "channel_vector", "elementwise",
     "check_add", "add", "align", "check_compose", "compose", "check_concat", "concat",
-    "check_pad_with", "pad_with", "describe",
+    "check_pad_with", "pad_with", "describe", "at_rank",
     "ConvTranspose", "conv_transpose", "check_then_per_channel", "then_per_channel",
 ]
 
@@ -162,6 +167,15 @@ def linear(weight, bias=None) -> AffineConv:
     w = _f64(weight)  # [O, I]
     b = np.zeros(w.shape[0]) if bias is None else _f64(bias).reshape(w.shape[0])
     return AffineConv(w, b, (), (), (), 1)
+
+
+def at_rank(op: AffineConv, rank: int) -> AffineConv:
+    """A pointwise op (1x1 kernel, stride 1, no padding) written for `rank` spatial dims.  It acts on every
+    position alike, so the same weights serve any layout: a linear on tokens [B, N, C] is a 1x1 conv on the
+    transposed [B, C, N], and a BatchNorm1d there is a per-channel linear on the tokens."""
+    assert op.is_pointwise(), "only a pointwise op is the same map at every rank"
+    w = op.weight.reshape(op.weight.shape[:2] + (1,) * rank)  # [O, I/g, 1 x rank]
+    return AffineConv(w, op.bias, (1,) * rank, ((0, 0),) * rank, (1,) * rank, op.groups)
 
 
 def per_channel(scale, shift, rank: int) -> AffineConv:

@@ -11,10 +11,11 @@ It never touches an IR.  The vocabulary:
                  one linear, or a per-channel scale and shift); or a ConvTranspose
     Relu         relu of a term
     Reshape      a term reshaped like an existing value (tokens [B, N, C] <-> [B*N, C])
+    Permute      a term's axes permuted (a linear's output transposed to [B, C, N] for a BatchNorm1d)
     BatchedConv  one conv whose kernel differs per sample (dynamic-conv aggregation)
 
 Each IR has one writer: an `Emitter` (constant, conv, conv_transpose, linear, scale_shift,
-relu, reshape, batched_conv) that `emit` drives over a term, plus the IR's own walk that
+relu, reshape, permute, batched_conv) that `emit` drives over a term, plus the IR's own walk that
 places the result, replaces uses and removes what died.  An IR that cannot express an edit says why
 (`Writer.cannot_write`) and the driver records a decline; a rule never guesses.
 """
@@ -67,10 +68,20 @@ class Relu:
 
 @dataclass(frozen=True, eq=False)
 class Reshape:
-    """input reshaped to the shape of the existing value `like` (only leading batch dims differ)."""
+    """input reshaped to the shape of the existing value `like` (only leading batch dims differ); with
+    `perm`, to the shape that transposing by `perm` turns into like's (`unpermuted`): a Permute follows."""
 
     input: "Term"
     like: Key
+    perm: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Permute:
+    """input with its axes permuted as numpy.transpose(input, perm) does."""
+
+    input: "Term"
+    perm: tuple[int, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +99,14 @@ class BatchedConv:
         return bool(np.any(self.static.weight))
 
 
-Term = Union[Key, Constant, Apply, Relu, Reshape, BatchedConv]
+Term = Union[Key, Constant, Apply, Relu, Reshape, Permute, BatchedConv]
+
+
+def unpermuted(shape, perm: tuple[int, ...] | None) -> list | None:
+    """The shape S with transpose(S, perm) == `shape` (`shape` itself without perm; None when unknown)."""
+    if shape is None or perm is None:
+        return None if shape is None else list(shape)
+    return [shape[perm.index(i)] for i in range(len(perm))]
 
 
 # ---------------------------------------------------------------- edits and plans
@@ -132,7 +150,9 @@ def _shape(term, label) -> Any:
     if isinstance(term, Relu):
         return ("relu", _shape(term.input, label))
     if isinstance(term, Reshape):
-        return ("reshape", _shape(term.input, label), label(term.like))
+        return ("reshape", _shape(term.input, label), label(term.like), term.perm)
+    if isinstance(term, Permute):
+        return ("permute", _shape(term.input, label), term.perm)
     if isinstance(term, BatchedConv):
         return ("batched", _shape(term.input, label), tuple(map(label, term.scales)), term.weights.shape)
     if isinstance(term, Constant):
@@ -179,7 +199,8 @@ class Emitter(Protocol):
     def linear(self, x: Any, weight: np.ndarray, bias: np.ndarray) -> Any: ...
     def scale_shift(self, x: Any, scale: np.ndarray | None, shift: np.ndarray | None, rank: int) -> Any: ...
     def relu(self, x: Any) -> Any: ...
-    def reshape(self, x: Any, like: Key) -> Any: ...
+    def reshape(self, x: Any, like: Key, perm: tuple[int, ...] | None = None) -> Any: ...
+    def permute(self, x: Any, perm: tuple[int, ...]) -> Any: ...
     def batched_conv(self, x: Any, term: BatchedConv) -> Any: ...
 
 
@@ -202,7 +223,9 @@ def emit(out: Emitter, term: Term, value_of: Callable[[Key], Any]) -> Any:
     if isinstance(term, Relu):
         return out.relu(emit(out, term.input, value_of))
     if isinstance(term, Reshape):
-        return out.reshape(emit(out, term.input, value_of), term.like)
+        return out.reshape(emit(out, term.input, value_of), term.like, term.perm)
+    if isinstance(term, Permute):
+        return out.permute(emit(out, term.input, value_of), term.perm)
     if isinstance(term, BatchedConv):
         return out.batched_conv(emit(out, term.input, value_of), term)
     return value_of(term)

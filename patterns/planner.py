@@ -7,6 +7,12 @@ on the way (the region).  A value may sit inside a region only if its single
 consumer extended the map; everything else (graph outputs, values with several
 consumers, inputs of a refused rule) is a boundary and becomes a source.
 
+A transpose is a view too (`Permute`): an op that acts on every position alike (a linear, a 1x1 conv, a
+per-channel op) commutes with any rearrangement of positions that keeps the channel axis whole, so a region
+crosses it when its op is pointwise and the channel axis before the transpose is the one after it.  The fused
+op is then written at the source's layout with the region's views after it (a linear, then the transpose a
+BatchNorm1d read), or, when its weighted ops all follow the views or it reads positions (a conv), behind them.
+
 A region whose fused op the cost model rejects is cut at its root: the root's
 inputs become boundaries and the planner runs again, so the branches still fuse
 on their own.  Boundaries only grow, so this reaches a fixed point.
@@ -14,7 +20,7 @@ on their own.  Boundaries only grow, so this reaches a fixed point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
@@ -22,7 +28,7 @@ import numpy as np
 from . import affine
 from .affine import AffineConv, ConvTranspose, Declined
 from .cost import elementwise_cost, fused_cost, op_cost
-from .plan import Apply, Replace, Reshape, RulePlan, written_steps
+from .plan import Apply, Permute as PermuteTerm, Replace, Reshape, RulePlan, written_steps
 
 Key = Hashable
 
@@ -68,6 +74,41 @@ class Regroup:
     [B*N, C]: flatten, view, reshape).  A rank-0 op acts on every row alike, so it commutes with this."""
 
     input: Key
+
+
+@dataclass(frozen=True)
+class Permute:
+    """value = op(transpose(input, perm)) (numpy's transpose), or the transpose alone when `op` is None.
+    A transpose is a view the planner carries a region across (see the module docstring); with an op it is
+    ONNX's Gemm with transA=1, a linear over the rows of its input."""
+
+    input: Key
+    perm: tuple[int, ...]
+    op: AffineConv | None = None
+
+
+def moves_channels(before: "Layout | None", after: "Layout | None", perm: Sequence[int]) -> str | None:
+    """Why a transpose from a value read as `before` to one read as `after` is no view of the channel axis
+    (the channel axis must land whole on the channel axis); None when it is one."""
+    if before is None or after is None:
+        return "input shape or channel count unknown on one side of the transpose"
+    n = len(perm)
+    if before.channels != after.channels or perm[n - 1 - after.rank] != n - 1 - before.rank:
+        return (f"transpose moves the channel axis (axis {n - 1 - before.rank}, {before.channels} channels) onto "
+                f"a position axis: the ops after it act on axis {perm[n - 1 - after.rank]}")
+    return None
+
+
+def splits_channels(before: Sequence | None, after: Sequence | None, layout: "Layout | None") -> str | None:
+    """Why a reshape of a channels-last value (shape `before`, read as `layout`) to `after` breaks its channel
+    axis (a split [B, N, C] -> [B, N, 2, C/2], or a merge [B, N, C] -> [B, N*C]); None when it keeps the axis
+    whole (trailing 1s aside) or the static sizes cannot tell."""
+    if layout is None or layout.rank or not before or not after:
+        return None
+    tail = [d for d in after if not (isinstance(d, int) and d == 1)][-1:] or [1]  # ints only: no symbolic guard
+    if isinstance(tail[0], int) and tail[0] != layout.channels:
+        return f"reshape splits or merges the channel axis ({layout.channels} channels -> last dim {tail[0]})"
+    return None
 
 
 def keeps_channels_last(before: Sequence | None, after: Sequence | None) -> bool:
@@ -117,7 +158,7 @@ def precision(eps: float) -> float:
     return max(1e-5, 4 * float(eps))
 
 
-Description = Affine | PadWith | Sum | Concat | Regroup | Scaled | Pointwise | Transposed
+Description = Affine | PadWith | Sum | Concat | Regroup | Permute | Scaled | Pointwise | Transposed
 
 
 class Layout(NamedTuple):
@@ -207,6 +248,11 @@ class Region:
     costs_more: bool | None = None  # kept by _release: the fused op costs more than the ops it replaces
     regroups: int = 0  # Regroup nodes inside: the root's leading dims may differ from the source's
     weighted: int = 0  # convs and linears inside (affine ops that are not per-channel)
+    # transposes inside: the root is transpose(reshape(op(source)), perm) (None: no transpose); `permutes`
+    # counts the transposes that are plain views, `lead` the weighted ops before the first one
+    perm: tuple[int, ...] | None = None
+    permutes: int = 0
+    lead: int = 0
 
     @property
     def root(self) -> Key:
@@ -287,13 +333,15 @@ def _release(region: Region) -> Region:
     """An absorbed region keeps what selection reads, not its fused weights: a chain of large convs
     would otherwise hold one fused copy per value."""
     return Region(region.source, None, region.nodes, region.cost, _costs_more(region), region.regroups,
-                  region.weighted)
+                  region.weighted, region.perm, region.permutes, region.lead)
 
 
 def _fresh(v: Key, d: Description) -> Region | None:
     """The value as a one-node region over its direct input (after a refused rule)."""
     if isinstance(d, Affine):
         return Region(d.input, d.op, (v,), op_cost(d.op, d.op.stride), weighted=_weighted(d.op))
+    if isinstance(d, Permute) and d.op is not None:  # its op reads the transposed input: the view comes first
+        return Region(d.input, d.op, (v,), op_cost(d.op, d.op.stride), weighted=_weighted(d.op), perm=d.perm)
     return None
 
 
@@ -306,8 +354,8 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         if reason:
             raise Declined(reason)
         op = affine.compose(d.op, m.op)
-        return Region(m.source, op, m.nodes + (v,), m.cost + op_cost(d.op, op.stride), regroups=m.regroups,
-                      weighted=m.weighted + _weighted(d.op))
+        return replace(m, op=op, nodes=m.nodes + (v,), cost=m.cost + op_cost(d.op, op.stride),
+                       weighted=m.weighted + _weighted(d.op))
 
     if isinstance(d, PadWith):
         m = input_map(d.input)
@@ -317,15 +365,36 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
         if reason:
             raise Declined(reason)
         op = affine.pad_with(m.op, d.pads)
-        return Region(m.source, op, m.nodes + (v,), m.cost + elementwise_cost(op.out_channels, op.stride),
-                      regroups=m.regroups, weighted=m.weighted)
+        return replace(m, op=op, nodes=m.nodes + (v,), cost=m.cost + elementwise_cost(op.out_channels, op.stride))
 
     if isinstance(d, Regroup):
         m = input_map(d.input)
         if m is None or not m.nodes or m.op.rank != 0:
             return None
+        if m.perm is not None:  # the views are written as one reshape, then one transpose
+            raise Declined("reshape after a transpose of the region's positions (written only before it)")
         # a view: costs nothing
-        return Region(m.source, m.op, m.nodes + (v,), m.cost, regroups=m.regroups + 1, weighted=m.weighted)
+        return replace(m, nodes=m.nodes + (v,), regroups=m.regroups + 1, perm=None)
+
+    if isinstance(d, Permute):
+        m = input_map(d.input)
+        if m is None or not m.nodes:
+            return _fresh(v, d)  # a transpose of a boundary is one (its op, if any, reads the transposed source)
+        after = view.layout(v) if d.op is None else Layout(d.op.in_channels, d.op.rank)
+        reason = moves_channels(Layout(m.op.out_channels, m.op.rank), after, d.perm)  # as the region reads it
+        if reason is None and not m.op.is_pointwise():
+            reason = "the ops before the transpose read neighbouring positions (only pointwise ops cross it)"
+        if reason:
+            raise Declined(reason)
+        perm = tuple(d.perm) if m.perm is None else tuple(m.perm[i] for i in d.perm)
+        perm = None if perm == tuple(range(len(perm))) else perm  # the transposes cancel
+        # a view: costs nothing; the op is the same map at the new layout's rank
+        m = replace(m, op=affine.at_rank(m.op, after.rank), nodes=m.nodes + (v,), perm=perm,
+                    lead=m.weighted if m.perm is None else m.lead, permutes=m.permutes + (d.op is None))
+        if d.op is None:
+            return m
+        op = affine.compose(d.op, m.op)
+        return replace(m, op=op, cost=m.cost + op_cost(d.op, op.stride), weighted=m.weighted + _weighted(d.op))
 
     maps = [input_map(u) for u in d.inputs]
     if any(m is None for m in maps):
@@ -333,6 +402,8 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
     sources = {m.source for m in maps}
     if len(sources) != 1:
         raise Declined("branches read different tensors")
+    if len({m.perm for m in maps}) != 1:
+        raise Declined("branches transpose the source differently")
     if isinstance(d, Sum):
         ops = [affine.scale(m.op, w) if w != 1 else m.op for m, w in zip(maps, d.weights)]
         op = ops[0]
@@ -351,7 +422,8 @@ def _extend_region(view, v, d, input_map, merged) -> Region | None:
     cost += elementwise_cost(op.out_channels, op.stride)
     parts = {id(m): m for m in maps}.values()
     return Region(maps[0].source, op, merged(maps, v), cost, regroups=sum(m.regroups for m in parts),
-                  weighted=sum(m.weighted for m in parts))
+                  weighted=sum(m.weighted for m in parts), perm=maps[0].perm,
+                  permutes=sum(m.permutes for m in parts), lead=max(m.lead for m in parts))
 
 
 def _weighted(op: AffineConv) -> int:
@@ -362,7 +434,7 @@ def _weighted(op: AffineConv) -> int:
 
 
 def _inputs(d: Description) -> tuple[Key, ...]:
-    return (d.input,) if isinstance(d, (Affine, PadWith, Regroup)) else tuple(d.inputs)
+    return (d.input,) if isinstance(d, (Affine, PadWith, Regroup, Permute)) else tuple(d.inputs)
 
 
 def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
@@ -370,7 +442,8 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
     result = Plan(declined=dict(declined))
     cuts: set[Key] = set()
     for v, region in maps.items():
-        if v in absorbed or _written_ops(view, region.op) >= len(region.nodes) - region.regroups:
+        views = region.regroups + region.permutes
+        if v in absorbed or _written_ops(view, region.op) >= len(region.nodes) - views:
             continue  # written with as many ops as it has (one op and views; pad + conv on FX): nothing to fuse
         if region.weighted == 0 and written_steps(region.op) == 0:
             result.declined[v] = ("per-channel ops (and zero padding) only: fused they would be a new conv or "
@@ -384,6 +457,10 @@ def _select(view: GraphView, maps: dict[Key, Region], declined: dict[Key, str]):
             # A per-channel part that merely saves nothing is no place to cut: the sum it feeds may pay off.
             first_bad = next((n for n in region.nodes if len(maps[n].nodes) > 1 and _costs_more(maps[n])), v)
             cuts.update(_inputs(view.describe(first_bad)))
+            continue
+        if region.perm is not None and region.regroups and not _views_after(region):
+            result.declined[v] = ("an op that reads neighbouring positions after reshapes and a transpose "
+                                  "(written only with the views after a pointwise op)")
             continue
         result.regions.append(region)
     return result, cuts
@@ -417,11 +494,32 @@ def _too_expensive(region: Region) -> bool:
 def fuse_regions(view: GraphView) -> RulePlan:
     """Every maximal affine region becomes its fused op over the region's source."""
     found = plan(view)
-    edits = [Replace(r.root, Reshape(Apply(r.source, r.op), r.root) if r.regroups else Apply(r.source, r.op),
-                     r.nodes) for r in found.regions]
+    edits = [Replace(r.root, _term(view, r), r.nodes) for r in found.regions]
 
     def summary(written) -> tuple[int, str]:
         return len(written), f"{sum(len(e.erase) for e in written)} ops" if written else ""
 
     count, detail = summary(edits)
     return RulePlan(edits, found.declined, count, detail, regions=found.regions, summary=summary)
+
+
+def _views_after(region: Region) -> bool:
+    """A region with transposes is written as its op at the source's layout followed by the views when the op
+    is pointwise and a weighted op comes before the first view (a linear stays in front of the transpose after
+    it); otherwise the views go first and the op reads their result (BatchNorm1d, transpose, linear)."""
+    return region.op.is_pointwise() and (region.lead > 0 or bool(region.regroups))
+
+
+def _term(view: GraphView, region: Region):
+    """The fused op on the region's source, with the region's views written around it (the root keeps its
+    shape): reshape(op(source)) for regroups; with transposes, transpose(reshape(op(source)), perm) or
+    op(transpose(source, perm))."""
+    op, perm = region.op, region.perm
+    if perm is not None and not _views_after(region):
+        return Apply(PermuteTerm(region.source, perm), op)
+    layout = view.layout(region.source)  # known: a region with views has a source read with a layout
+    rank = op.rank if layout is None else layout.rank
+    fused = Apply(region.source, op if op.rank == rank else affine.at_rank(op, rank))
+    if perm is None:
+        return Reshape(fused, region.root) if region.regroups else fused
+    return PermuteTerm(Reshape(fused, region.root, perm) if region.regroups else fused, perm)

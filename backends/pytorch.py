@@ -341,8 +341,9 @@ def _not_inference(gm: fx.GraphModule, example_inputs) -> str | None:
 
 
 def _parameter_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
-    """Indices of the placeholders that hold module parameters or buffers."""
-    from torch._dynamo.source import is_from_unspecialized_param_buffer_source
+    """Indices of the placeholders that hold module state: parameters, buffers and plain tensor attributes
+    (DBB's `id_tensor`, added to a weight in forward).  The prologue watches them all alike."""
+    from torch._dynamo.source import is_from_unspecialized_nn_module_source, is_from_unspecialized_param_buffer_source
 
     idx = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -351,8 +352,10 @@ def _parameter_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
             continue
         arg = node.meta.get("grapharg")
         source = getattr(arg, "source", None)
-        from_buffer = source is not None and is_from_unspecialized_param_buffer_source(source)
-        if isinstance(value, nn.Parameter) or from_buffer:
+        # a module float dynamo passes as a fresh tensor each call (dynamic=True) is not state to watch
+        of_module = source is not None and getattr(arg, "is_tensor", True) and (
+            is_from_unspecialized_param_buffer_source(source) or is_from_unspecialized_nn_module_source(source))
+        if isinstance(value, nn.Parameter) or of_module:
             idx.append(i)
     return idx
 

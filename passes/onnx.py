@@ -12,12 +12,14 @@ import onnx_ir as ir
 
 from ..patterns import affine
 from ..patterns.affine import Declined
-from ..patterns.borders import border_fill
+from ..patterns.borders import band, border_fill, border_fill_of_writes, scatter_write
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, PadWith, Permute, Pointwise, Regroup, Scaled, Sum,
                                 Transposed, describe_or_none, keeps_channels_last, need_layout, padded, precision,
                                 read_once, splits_channels)
 from ..patterns.report import GraphStats
+from ..patterns.shapes import Lin, Sym
+from .onnx_sizes import Sizes
 
 __all__ = ["OnnxView", "READERS", "graph_stats"]
 
@@ -369,6 +371,8 @@ def _identity(view: OnnxView, node):
 def _elementwise(view: OnnxView, node):
     kind = node.op_type.lower()  # add, sub, mul, div
     a, b = node.inputs[0], node.inputs[1]
+    if node.outputs[0].dtype is not None and not node.outputs[0].dtype.is_floating_point():
+        return None  # size or index arithmetic: no tensor op to fuse
     for v in filter(overridable, (a, b)):
         raise Declined(f"{kind} operand {v.name} {OVERRIDABLE}")
     ca, cb = const_array(a), const_array(b)
@@ -536,25 +540,26 @@ def _pad(view: OnnxView, node):
 
 def _border_fill(view: OnnxView, last: ir.Node):
     """Pad, then ScatterNDs (between Transposes) that write every border: padding with a per-channel constant, as
-    the torch exporters write DBB's BN-and-pad.  The writes replayed on NaNs are judged by `border_fill`."""
+    the torch exporters write DBB's BN-and-pad.  The writes replayed on NaNs are judged by `border_fill`; with
+    dynamic shapes or positions computed at run time, by `_dynamic_border_fill`."""
     out = last.outputs[0]
-    if any(u.node.op_type in _BORDER_WRITE for u in out.uses()) and view.single_consumer(out):
+    if _continues(out) or _shape_only(out):
         return None  # not the end of the chain
     chain, data = [last], last.inputs[0]
     while data.producer() is not None and data.producer().op_type in _BORDER_WRITE:
-        if not view.single_consumer(data):
-            raise Declined("intermediate border write is read elsewhere")
         chain.append(data.producer())
         data = data.producer().inputs[0]
     pad, scatters = data.producer(), [n for n in chain if n.op_type == "ScatterND"]
     if pad is None or pad.op_type != "Pad" or not scatters:
         return None
-    if not view.single_consumer(data):
-        raise Declined("padded tensor is read before its border is written")
     x, pads, _ = _pad_geometry(view, pad)
     shape = _dims(data)
-    if shape is None or None in shape:
-        raise Declined("border writes on a tensor of dynamic size")
+    if shape is None or None in shape or not all(_constant(v) for n in scatters for v in n.inputs[1:3]):
+        return _dynamic_border_fill(view, x, pads, data, chain)
+    if not view.single_consumer(data):
+        raise Declined("padded tensor is read before its border is written")
+    if not all(view.single_consumer(n.outputs[0]) for n in chain[1:]):
+        raise Declined("intermediate border write is read elsewhere")
     filled, axes = np.full(shape, np.nan), np.arange(len(shape))
     for step in reversed(chain):  # earliest first
         if step.op_type == "Transpose":
@@ -570,6 +575,59 @@ def _border_fill(view: OnnxView, last: ir.Node):
         raise Declined("border writes end in a transposed layout")
     eps = np.finfo(view.const(scatters[0], 2, "scatter updates").dtype).eps
     return PadWith(x, pads, border_fill(filled, pads), precision(eps))
+
+
+def _shape_only(value: ir.Value) -> bool:
+    """Read for its shape alone (Shape, through Slices and Transposes): the exporters' index arithmetic."""
+    uses = value.uses()
+    return bool(uses) and not value.is_graph_output() and all(
+        u.node.op_type == "Shape" or u.node.op_type in ("Slice", "Transpose") and u.idx == 0
+        and _shape_only(u.node.outputs[0]) for u in uses)
+
+
+def _continues(value: ir.Value) -> bool:
+    """Written again by a later border write (or transposed back for its readers)."""
+    return any(u.node.op_type == "ScatterND" and u.idx == 0 or
+               u.node.op_type == "Transpose" and not _shape_only(u.node.outputs[0]) for u in value.uses())
+
+
+def _dynamic_border_fill(view: OnnxView, x: ir.Value, pads: affine.Pads, data: ir.Value, chain: list[ir.Node]):
+    """The border writes when sizes or positions are computed at run time: each ScatterND is read symbolically
+    in the dims of the padded input (`passes.onnx_sizes`), and must write a band at a fixed distance from the
+    ends, one value per channel, for every input size on which the graph runs."""
+    layout = view.need_layout(x)
+    rank = len(x.shape)
+    if layout.rank != rank - 2:
+        raise Declined("border writes on a tensor that is not channels-first")
+    dims = [Lin(d) if isinstance(d, int) else Lin(0, {f"d{i}": 1}) for i, d in enumerate(x.shape)]
+    sizes = Sizes(const_array, {x: Sym(tuple(dims), None)})
+    axes, writes = list(range(rank)), []
+    for step in reversed(chain):  # earliest first
+        if step.op_type == "Transpose":
+            axes = [axes[p] for p in step.attributes.get_ints("perm", list(range(rank))[::-1])]
+            continue
+        if step.attributes.get_string("reduction", "none") != "none":
+            raise Declined("ScatterND with reduction")
+        target, indices, updates = (sizes(v) for v in step.inputs[:3])
+        if target is None or indices is None or updates is None or target.rank != rank:
+            raise Declined("border write at positions computed in a way repfuse cannot follow")
+        box, values = scatter_write(sizes.alg, target, indices, updates, axes.index(1))
+        index = [slice(None)] * rank
+        for j, (offset, extent) in enumerate(box):
+            index[axes[j]] = band(sizes.alg, offset, extent, target.shape[j])
+        if values.size not in (1, layout.channels):
+            raise Declined("border value is not one per channel")
+        writes.append((tuple(index), np.broadcast_to(values, (layout.channels,))))
+    if axes != list(range(rank)):
+        raise Declined("border writes end in a transposed layout")
+    # before its last write the tensor may be read only by the writes' own index arithmetic (for its shape)
+    for v, what in [(data, "padded tensor is read before its border is written")] + \
+            [(n.outputs[0], "intermediate border write is read elsewhere") for n in chain[1:]]:
+        if v.is_graph_output() or any(u.idx != 0 and u.node in chain or u.node not in chain and u.node not in
+                                      sizes.read for u in v.uses()):
+            raise Declined(what)
+    fill = border_fill_of_writes(writes, pads, layout.channels)
+    return PadWith(x, pads, fill, precision(np.finfo(data.dtype.numpy()).eps))
 
 
 READERS = {

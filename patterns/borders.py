@@ -6,7 +6,10 @@ ScatterND in ONNX, slice_scatter in Relax).  Every adapter replays the writes it
 found on a NaN-filled array and lets `border_fill` decide what they amount to:
 ONNX and Relax on the padded tensor itself (static shapes), FX through
 `border_fill_of_writes`, whose writes are relative to the ends and so hold at
-every input size.
+every input size.  Where sizes and indices are computed at run time (ONNX with
+dynamic shapes), a write is read symbolically (`patterns.shapes`): `scatter_write`
+says which box it writes and with what, `band` turns each side of the box into a
+slice relative to the ends, or declines.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from .affine import Declined, Pads
+from .shapes import Algebra, Lin, Sym, as_lin, split_last, varies
 
-__all__ = ["border_fill", "border_fill_of_writes"]
+__all__ = ["border_fill", "border_fill_of_writes", "scatter_write", "band"]
 
 
 def border_fill(filled: np.ndarray, pads: Pads) -> np.ndarray:
@@ -64,3 +68,60 @@ def _relative_to_ends(index, pads: Pads) -> bool:
                 and not (e and s.start == -e and s.stop is None):
             return False
     return True
+
+
+def scatter_write(alg: Algebra, data: Sym, indices: Sym, updates: Sym, channel_axis: int):
+    """What ScatterND(data, indices, updates) writes: per data axis the `(offset, extent)` of the box, and the
+    values, one per channel of `channel_axis` (or one for all).  Declined unless every index is an offset plus
+    the position along an axis of its own (a box, each element written once) and the values are constants
+    that differ only between channels."""
+    q = indices.rank - 1
+    m = alg.static(indices.shape[-1]) if q >= 0 else None
+    if indices.table is None or m is None or m > data.rank:
+        raise Declined("border write at positions computed in a way repfuse cannot follow")
+    box, walks = [], {}  # walks: index axis -> the data axis it walks
+    for j, table in enumerate(split_last(indices, m)):
+        e = as_lin(table)
+        moves = None if e is None else e.positions()
+        if moves is None or len(moves) > 1 or moves and (moves[0][1] != 1 or moves[0][0] in walks):
+            raise Declined("border write index is not an offset plus a position")
+        if moves:
+            walks[moves[0][0]] = j
+        box.append((e.without_positions(), indices.shape[moves[0][0]] if moves else Lin(1)))
+    if any(alg.static(indices.shape[a]) != 1 for a in range(q) if a not in walks):
+        raise Declined("border write writes an element more than once")
+    box += [(Lin(0), data.shape[j]) for j in range(m, data.rank)]
+    for (offset, extent), size in zip(box, data.shape):
+        if extent is None or size is None:
+            raise Declined("border write's extent is not known at every size")
+        if not alg.nonneg(offset) or not alg.nonneg(size - offset - extent):
+            raise Declined("border write may reach outside the tensor")
+    if channel_axis >= m:
+        along = q + channel_axis - m
+    else:
+        along = next((a for a, j in walks.items() if j == channel_axis), None)
+    return box, _channel_values(updates, along, q + data.rank - m)
+
+
+def _channel_values(updates: Sym, along: int | None, rank: int) -> np.ndarray:
+    t = updates.table
+    if t is None or updates.rank != rank:
+        raise Declined("border value is not a constant")
+    if any(varies(t, i) for i in range(rank) if i != along):
+        raise Declined("border value is not one per channel")
+    values = [None if e is None else e.number for e in t.reshape(-1)]
+    if any(v is None for v in values):
+        raise Declined("border value is not a constant")
+    return np.asarray(values, dtype=np.float64)
+
+
+def band(alg: Algebra, offset: Lin, extent: Lin, size: Lin) -> slice:
+    """One side of a written box as a slice that holds at every size: whole, `0:e` or `-e:`."""
+    o, e, n = (alg.resolve(v) for v in (offset, extent, size))
+    if o == 0 and e == n:
+        return slice(None)
+    if e.number is not None and o == 0:
+        return slice(0, e.number)
+    if e.number is not None and o + e == n:
+        return slice(-e.number, None)
+    raise Declined("border write is not at a fixed distance from the ends at every size")

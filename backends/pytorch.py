@@ -119,15 +119,27 @@ def _capture(module: nn.Module, example_inputs: tuple, dynamic_shapes=None) -> f
     """torch.export with every tensor dim dynamic where the model allows, as a plain picklable
     GraphModule whose first op checks the input sizes against what the capture assumed."""
     name = type(module).__name__
-    if dynamic_shapes is None:
+    automatic = dynamic_shapes is None
+    if automatic:
         auto = torch.export.Dim.AUTO
         dynamic_shapes = tuple(
             {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None for t in example_inputs)
     shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = shapes_log.level
     shapes_log.setLevel(logging.ERROR)  # dynamic-shape solver chatter is not the user's concern
+    # clones: a failed capture leaves torch's dynamic-dim marks on the tensors it was given
+    fresh = lambda: tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs)  # noqa: E731
     try:
-        program = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes)
+        try:
+            program = torch.export.export(module, fresh(), dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            if not automatic:
+                raise
+            # torch's shape solver gives up on some models it could specialize (a fixed-size pooling
+            # head): capture at the example's sizes, which the ShapeGuard then enforces
+            log.warning("repfuse.deploy: %s could not be captured with dynamic sizes (%s); captured at the "
+                        "example's sizes", name, _trace_message(e))
+            program = torch.export.export(module, fresh())
     except Exception as e:  # export reports unsupported code with many exception types
         raise TraceError(f"cannot trace {name}: {_trace_message(e)}") from None
     finally:

@@ -347,3 +347,31 @@ def test_fused_weights_keep_the_model_dtype(dtype):
         close(out, model(x))
     assert out.dtype == dtype and all(p.dtype == dtype for p in gm.parameters())
     assert B.op_counts(gm)["batch_norm"] == 0
+
+
+class FixedSizeHead(torch.nn.Module):
+    """A stem and stride-2 convs to a 7x7 map, AvgPool2d(7, 7), view, Linear: torch.export's solver
+    cannot capture it with dynamic sizes (it raises instead of specializing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(8))
+        self.stages = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, 2, 1) for _ in range(3)])
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(self.stem(x), 3, 2, 1)
+        x = torch.nn.functional.avg_pool2d(self.stages(x), 7, 7)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_deploy_falls_back_to_the_example_sizes_and_leaves_the_inputs_alone(caplog):
+    model = B.randomize(FixedSizeHead()).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="repfuse"):
+        gm = repfuse.deploy(model, (x,))
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert gm.meta["repfuse_report"].after.ops.get("batch_norm", 0) == 0
+    assert any("captured at the example's sizes" in r.getMessage() for r in caplog.records)
+    torch.export.export(model, (x,))  # the caller's tensor carries no dynamic-dim marks afterwards

@@ -490,6 +490,14 @@ def _take(e, a, idx):
     return np.take(a, idx, axis=axis)
 
 
+def _pad_constant(e, a):
+    width = _ints(e.attrs.pad_width)  # [b0, a0, b1, a1, ...]
+    if str(e.attrs.pad_mode) != "constant" or any(p < 0 for p in width):
+        raise ValueError("only non-negative constant padding folds")
+    return np.pad(a, [(width[2 * d], width[2 * d + 1]) for d in range(a.ndim)],
+                  constant_values=np.asarray(float(e.attrs.pad_value), a.dtype))
+
+
 _FOLDS = {
     "relax.add": lambda e, a, b: a + b, "relax.subtract": lambda e, a, b: a - b,
     "relax.multiply": lambda e, a, b: a * b, "relax.divide": lambda e, a, b: a / b,
@@ -503,6 +511,9 @@ _FOLDS = {
     "relax.concat": lambda e, items: np.concatenate(items, axis=int(e.attrs.axis)),
     "relax.expand_dims": lambda e, a: np.expand_dims(a, tuple(_ints(e.attrs.axis))),
     "relax.squeeze": lambda e, a: np.squeeze(a, None if e.attrs.axis is None else tuple(_ints(e.attrs.axis))),
+    # weights built from smaller ones (OREPA: einsum products, a 1x1 kernel padded to 3x3)
+    "relax.matmul": lambda e, a, b: np.matmul(a, b),
+    "relax.nn.pad": _pad_constant,
 }
 
 # reshaping ops that the frontends put on parameters (a bias viewed as [1, C, 1, 1], a transposed weight)

@@ -126,13 +126,31 @@ def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
     leaves = {v: np.empty(0, v.dtype.numpy()) if v in dtype_only and not _constant(v) else const_array(v)
               for v in leaves}
     known, results = dict(leaves), _evaluate(order, leaves, graph.opset_imports) if order else {}
+    weights = _weight_bound(order)
     for node in order:
         ins = [v for v in node.inputs if v is not None]
         outs = [results.get(o) for o in node.outputs]
         if all(v in known for v in ins) and all(isinstance(o, np.ndarray) and o.dtype.kind in "fiub" for o in outs) \
-                and sum(o.nbytes for o in outs) <= sum(known[v].nbytes for v in ins) + _GROWTH:
+                and (all(o in weights for o in node.outputs)
+                     or sum(o.nbytes for o in outs) <= sum(known[v].nbytes for v in ins) + _GROWTH):
             known.update(zip(node.outputs, outs))
     return {v: a for v, a in known.items() if v not in leaves and not v.is_graph_output()}
+
+
+_WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def _weight_bound(order: list[ir.Node]) -> set[ir.Value]:
+    """Fold candidates' outputs that only ever become a conv's or linear's weight (OREPA's outer-product
+    weights): their size is the weight's, so the growth limit does not apply to them."""
+    candidates, bound = set(order), set()
+    for node in reversed(order):
+        for out in node.outputs:
+            uses = list(out.uses())
+            if uses and all(_WEIGHT_SLOTS.get(u.node.op_type) == u.idx or
+                            (u.node in candidates and all(o in bound for o in u.node.outputs)) for u in uses):
+                bound.add(out)
+    return bound
 
 
 def _dtype_read(node: ir.Node) -> ir.Value | None:

@@ -73,3 +73,37 @@ def test_every_exporter_dialect_fuses(exporter, simplify):
                         if "dynamic" in exporter else [])
     for feed in xs:
         np.testing.assert_allclose(run(fused, feed), run(exported, feed), rtol=1e-5, atol=1e-5)
+
+
+class OuterWeight(nn.Module):
+    """OREPA's generated kernel: an outer product of parameters, 64x its inputs' size."""
+
+    def __init__(self, c=96):
+        super().__init__()
+        self.a, self.k = nn.Parameter(torch.randn(c, c)), nn.Parameter(torch.randn(3, 3))
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(nn.functional.conv2d(x, torch.einsum("oi,hw->oihw", self.a, self.k), padding=1))
+
+
+class BroadcastBias(nn.Module):
+    """A small constant expanded to the activation's full size before an Add: not a weight, kept small."""
+
+    def forward(self, x):
+        return x + torch.ones(1, 1, 1, 1).expand(1, 96, 64, 64)
+
+
+def test_a_generated_weight_folds_however_large_and_a_broadcast_stays():
+    model = B.randomize(OuterWeight()).eval()
+    x = torch.randn(1, 96, 8, 8, generator=torch.Generator().manual_seed(0))
+    exported = export(model, x, EXPORTS["dynamo"])
+    fused = pipeline.to_proto(pipeline.optimize(exported, simplify_first=False)[0])
+    assert [n.op_type for n in fused.graph.node] == ["Conv"]
+    np.testing.assert_allclose(run(fused, x.numpy()), run(exported, x.numpy()), rtol=1e-4, atol=1e-4)
+    y = torch.randn(1, 96, 64, 64)
+    exported = export(BroadcastBias().eval(), y, EXPORTS["torchscript"])
+    fused = pipeline.to_proto(pipeline.optimize(exported, simplify_first=False)[0])
+    big = [t for t in fused.graph.initializer if np.prod(t.dims) >= 96 * 64 * 64]
+    assert not big  # the expanded constant (1.5 MB) is not stored
+    np.testing.assert_allclose(run(fused, y.numpy()), run(exported, y.numpy()))

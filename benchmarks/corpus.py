@@ -271,7 +271,7 @@ def table(results: list[Result], irs: list[str]) -> str:
         by_model.setdefault(r.model, {})[r.ir] = r
     timed = any(r.latency for r in results)
     head = "| model | family | " + " | ".join(f"{ir}: training → timm → repfuse" for ir in irs)
-    head += " | onnxruntime latency, repfuse / training |" * timed + " | status |"
+    head += " | onnxruntime latency, repfuse / training" * timed + " | status |"
     lines = [head, "|" + "---|" * (3 + len(irs) + timed)]
     for entry in CORPUS:
         rows = by_model.get(entry.name)

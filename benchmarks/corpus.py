@@ -151,7 +151,8 @@ def relax_counts(mod) -> Counts:
 # ------------------------------------------------------------------ one IR at a time
 
 
-def measure_fx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float]]:
+def measure_fx(model, reference, xs):
+    """Counts training / timm / repfuse, errors per input, and no latency (each measure_* returns these five)."""
     import torch
 
     import repfuse
@@ -162,7 +163,8 @@ def measure_fx(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float
         ref_form = repfuse.deploy(reference, (xs[0],), disable=[r.name for r in RULES])
         errors = [relative_error(fused(x), model(x)) for x in xs]
     report = fused.meta["repfuse_report"]
-    return fx_counts(report.before), fx_counts(ref_form.meta["repfuse_report"].before), fx_counts(report.after), errors
+    return (fx_counts(report.before), fx_counts(ref_form.meta["repfuse_report"].before), fx_counts(report.after),
+            errors, None)
 
 
 EXPORTER = "torchscript"  # or "dynamo" (torch's default, several times slower to export): --exporter
@@ -218,7 +220,7 @@ def _relax(model, x):
         return from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
 
 
-def measure_tvm(model, reference, xs) -> tuple[Counts, Counts, Counts, list[float]]:
+def measure_tvm(model, reference, xs):
     import torch
     import tvm
     from tvm import relax
@@ -236,7 +238,8 @@ def measure_tvm(model, reference, xs) -> tuple[Counts, Counts, Counts, list[floa
     out = out[0] if isinstance(out, (list, tuple)) or hasattr(out, "__getitem__") and not hasattr(out, "numpy") else out
     with torch.no_grad():
         ref = model(x)
-    return relax_counts(training), relax_counts(converted), relax_counts(fused), [relative_error(out.numpy(), ref)]
+    errors = [relative_error(out.numpy(), ref)]
+    return relax_counts(training), relax_counts(converted), relax_counts(fused), errors, None
 
 
 MEASURE = {"fx": measure_fx, "onnx": measure_onnx, "tvm": measure_tvm}
@@ -251,9 +254,8 @@ def measure(name: str, ir: str, latency: bool = False) -> Result:
         model = build(name, **dict(entry.kwargs))
         reference = timm_convert(model)
         extra = (entry.exporter or EXPORTER, latency) if ir == "onnx" else ()
-        found = MEASURE[ir](model, reference, inputs(entry), *extra)
-        result.training, result.timm, result.repfuse, result.errors = found[:4]
-        result.latency = found[4] if len(found) > 4 else None
+        result.training, result.timm, result.repfuse, result.errors, result.latency = MEASURE[ir](
+            model, reference, inputs(entry), *extra)
     except Exception as e:  # a table row, not a crash of the whole run
         first = (str(e).strip().splitlines() or [""])[0]
         result.failure = f"{type(e).__name__}: {first[:120]}"

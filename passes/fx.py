@@ -143,23 +143,22 @@ class FxView:
         if read is None:
             return None
         if node.op != "call_module" and node.target in IN_PLACE:
-            self._check_private_write(node, call["input"])
+            self._check_private_write(call["input"])
         try:
             return read(self, node, call)
         except (TypeError, ValueError) as e:  # a scalar or size known only at run time (symbolic)
             raise Declined(f"an argument is not a constant ({e})") from None
 
-    def _check_private_write(self, node: fx.Node, target) -> None:
+    def _check_private_write(self, target) -> None:
         """An in-place op reads like its pure form when no one else can see the write: its target is a
         fresh tensor (not a view, input or parameter) that only this op reads."""
         if not isinstance(target, fx.Node) or len(target.users) != 1:
             raise Declined("in-place op on a tensor that is read elsewhere")
         call = self.call(target) if target.op in ("call_function", "call_method", "call_module") else None
-        fresh = call is not None and call.op in _FRESH_RESULTS and not call["inplace"]
-        if target.op != "call_module" and target.target in IN_PLACE:
-            fresh = fresh and self._check_private_write(target, call["input"]) is None
-        if not fresh:
+        if call is None or call.op not in _FRESH_RESULTS or call["inplace"]:
             raise Declined("in-place op on a view, input or parameter (the write may be seen elsewhere)")
+        if target.op != "call_module" and target.target in IN_PLACE:  # a chain of in-place writes
+            self._check_private_write(call["input"])
 
     # -- constants
     def const(self, arg):

@@ -113,14 +113,16 @@ def _may_fold(node: ir.Node) -> bool:
 
 def _fold(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
     """Every value computed from constants only, with its array.  The candidates run in one onnx.reference
-    evaluation; a node the evaluator cannot run, or whose output outgrows its inputs, stays with all it feeds."""
+    evaluation; a node the evaluator cannot run, or whose output outgrows its inputs (unless it only ever becomes
+    a weight), stays with all it feeds."""
     order, produced, dtype_only = [], set(), set()
     for node in graph:
         like = _dtype_read(node)
         if _may_fold(node) and all(v is None or v in produced or _constant(v) or v is like for v in node.inputs):
             order.append(node)
             produced.update(node.outputs)
-            dtype_only.add(like)
+            if like is not None:
+                dtype_only.add(like)
     leaves = dict.fromkeys(v for node in order for v in node.inputs if v is not None and v not in produced)
     # the constants the candidates read; an input read for its dtype only is fed as an empty array
     leaves = {v: np.empty(0, v.dtype.numpy()) if v in dtype_only and not _constant(v) else const_array(v)

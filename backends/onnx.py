@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -98,7 +99,7 @@ def simplify(proto: onnx.ModelProto, warn: Callable[[str], None], isolate: bool 
     in a forked child, so that Ctrl-C stops it at once (its C++ core holds off Python's signal
     handling for as long as it runs) and a crash in it is only a warning."""
     try:
-        import onnxsim
+        onnxsim = import_onnxsim()
     except ImportError:
         warn("onnxsim is not installed (pip install 'repfuse[onnx]'); continuing without simplification")
         return _infer_shapes(proto)
@@ -122,6 +123,22 @@ def simplify(proto: onnx.ModelProto, warn: Callable[[str], None], isolate: bool 
     except Exception as e:
         warn(f"onnxsim failed ({first_line(e)}); continuing without simplification")
     return _infer_shapes(proto)
+
+
+def import_onnxsim():
+    """onnxsim, imported without torch when torch is not loaded yet.
+
+    onnxsim's package __init__ imports its quantization and export helpers, which import torch when it
+    is installed (+1 s per CLI run); each of them guards that import, and `simplify` needs none of them."""
+    if "torch" in sys.modules:
+        import onnxsim
+        return onnxsim
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
+    try:
+        import onnxsim
+    finally:
+        del sys.modules["torch"]
+    return onnxsim
 
 
 # onnxsim's optimizer folds a Pad into the pool after it even when the pads reach the kernel size,
@@ -161,8 +178,7 @@ def _simplify_in_child(proto: onnx.ModelProto, defaults: list) -> tuple[onnx.Mod
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         try:
-            import onnxsim
-
+            onnxsim = import_onnxsim()
             model = _drop_initializers(proto, defaults)  # the child's own copy of the parent's memory
             simplified, ok = onnxsim.simplify(model, skipped_optimizers=ONNXSIM_SKIPPED)
             send.send_bytes((b"1" if ok else b"0") + simplified.SerializeToString())

@@ -27,14 +27,27 @@ QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul
 OVERRIDABLE = "is a graph input (overridable default)"
 
 
+def _const_tensor(value: ir.Value):
+    """The tensor an initializer or Constant node gives `value`, else None (data not read yet)."""
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+        return None
+    attr = producer.attributes.get("value")  # the exporters' form, read directly: get_const_tensor is slow
+    if attr is not None and attr.type == ir.AttributeType.TENSOR:
+        return attr.value
+    return ir.convenience.get_const_tensor(value)  # value_float, value_ints, ...
+
+
 def _constant(value: ir.Value | None) -> bool:  # const_array(value) is not None, without reading external data
-    return value is not None and not value.is_graph_input() and ir.convenience.get_const_tensor(value) is not None
+    return value is not None and not value.is_graph_input() and _const_tensor(value) is not None
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant an input holds (initializer or Constant node), else None.  An initializer that is also
     a graph input (IR >= 4) is a default the caller may override: a runtime input, never a constant."""
-    return ir.convenience.get_const_tensor(value).numpy() if _constant(value) else None
+    return _const_tensor(value).numpy() if _constant(value) else None
 
 
 def overridable(value: ir.Value | None) -> bool:

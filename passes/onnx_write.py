@@ -6,6 +6,7 @@ from contextlib import suppress
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (registers ir.passes.common)
 
@@ -170,6 +171,30 @@ def _geometry(op: AffineConv | ConvTranspose) -> dict:
             "pads": [p[0] for p in op.pads] + [p[1] for p in op.pads]}  # ONNX: all begins, then all ends
 
 
+def refine_shapes(model: ir.Model) -> None:
+    """onnx shape inference, written back only where a value's shape is unknown or has an unknown dim.
+
+    onnx_ir's ShapeInferencePass deserializes the whole inferred model to merge it, which costs more than
+    the inference on exporter graphs of 10k+ nodes; the inferred value_info is read here by name instead."""
+    from onnx_ir.passes.common import _c_api_utils
+
+    proto = _c_api_utils.call_onnx_api(onnx.shape_inference.infer_shapes, model)  # large weights left out
+    inferred = {i.name: i.type.tensor_type for i in list(proto.graph.value_info) + list(proto.graph.output)
+                if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")}
+    for node in model.graph:
+        for value in node.outputs:
+            shape = value.shape
+            if value.name not in inferred or (shape is not None and all(isinstance(d, int) for d in shape)):
+                continue
+            tensor_type = inferred[value.name]
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim]
+            if shape is None or len(shape) == len(dims):  # keep what is known where inference knows less
+                value.shape = ir.Shape([d if isinstance(d, int) or shape is None else
+                                        (shape[i] if isinstance(shape[i], int) else d) for i, d in enumerate(dims)])
+            if value.dtype is None and tensor_type.elem_type:
+                value.dtype = ir.DataType(tensor_type.elem_type)
+
+
 def _target_shape(like: ir.Value, source: ir.Value | None, perm=None) -> list[int] | str | None:
     """patterns.plan.reshape_sizes in ONNX Reshape's terms: a source dim is 0 ("copy"), so only in its own
     place; "same" when no Reshape is needed; None when Reshape cannot say it."""
@@ -240,6 +265,6 @@ class Adapter:
             if self.progress:
                 self.progress(len(replaced), total)
         ir.passes.common.RemoveUnusedNodesPass()(self.model)  # the erased nodes, and what only they read
-        if rule == "constant_folding":  # folded weights give the convs reading them channel counts, which the
-            with suppress(Exception):  # other rules need; shapes are a help, not a requirement
-                ir.passes.common.ShapeInferencePass()(self.model)
+        if rule == "constant_folding":  # folded pads and weights make sizes and channel counts known, which
+            with suppress(Exception):  # the other rules need; shapes are a help, not a requirement
+                refine_shapes(self.model)

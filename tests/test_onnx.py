@@ -288,3 +288,21 @@ def test_conv_auto_pad(auto_pad, stride, tmp_path):
     out = tmp_path / "out.onnx"
     assert main(["optimize", str(src), "-o", str(out), "--check", "-q", "--no-simplify"]) == 0
     assert ops(out) == ["Conv"]
+
+
+def test_onnx_path_does_not_import_torch(tmp_path):
+    """`repfuse optimize` (onnxsim, fusing, --check) never imports torch: +1 s a run when it is installed."""
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_conv_bn_graph([helper.make_node("Relu", ["bn"], ["y"])]), str(src))
+    code = ("import sys\nfrom repfuse.backends.cli import main\n"
+            f"rc = main(['optimize', {str(src)!r}, '-o', {str(out)!r}, '--check'])\n"
+            "print('exit', rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "exit 0 False", done.stdout + done.stderr
+    fused = onnx.load(str(out))
+    assert [n.op_type for n in fused.graph.node] == ["Conv", "Relu"]  # the BatchNorm went into the conv
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(str(out), x), run(str(src), x), rtol=1e-5, atol=1e-5)

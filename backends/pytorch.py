@@ -29,6 +29,7 @@ from ..passes import fx as fxpass
 from ..patterns.report import FusionReport
 from ..patterns.rules import enabled
 from ..passes.fx_write import run_rules
+from .trace import trace
 
 log = logging.getLogger("repfuse")
 
@@ -66,8 +67,15 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
     example_inputs = tuple(example_inputs)
     module = copy.deepcopy(model).eval()
     with torch.no_grad():
-        gm = _capture(module, example_inputs, dynamic_shapes)
-        report = fuse_graph_module(gm, rules=rules)
+        fast = None if dynamic_shapes is not None else trace(module, example_inputs, functools.partial(
+            fuse_graph_module, rules=rules))
+        if fast is not None:
+            gm, dims, report = fast
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            _install_guard(gm, ShapeGuard([str(n.target) for n in placeholders], dims, {}, []))
+        else:
+            gm = _capture(module, example_inputs, dynamic_shapes)
+            report = fuse_graph_module(gm, rules=rules)
     gm.meta["repfuse_report"] = report
     if explain:
         log.warning("repfuse.deploy:\n%s", report.table(explain=True))
@@ -145,19 +153,25 @@ def _capture(module: nn.Module, example_inputs: tuple, dynamic_shapes=None) -> f
     finally:
         shapes_log.setLevel(level)
     unlifted = program.module()
-    graph = unlifted.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    guard = ShapeGuard.of(program, placeholders)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)  # export's own check is not picklable; ShapeGuard checks the same
-    unlifted._guards_fn = guard
-    with graph.inserting_after(placeholders[-1] if placeholders else next(iter(graph.nodes))):
-        graph.call_module("_guards_fn", tuple(placeholders))
-    graph._tracer_cls = None  # export's tracer cannot be rebuilt when the module is unpickled
-    gm = fx.GraphModule(unlifted, graph, class_name=name)  # no export hooks: picklable
+    placeholders = [n for n in unlifted.graph.nodes if n.op == "placeholder"]
+    _install_guard(unlifted, ShapeGuard.of(program, placeholders))
+    unlifted.graph._tracer_cls = None  # export's tracer cannot be rebuilt when the module is unpickled
+    gm = fx.GraphModule(unlifted, unlifted.graph, class_name=name)  # no export hooks: picklable
     gm.meta.update(unlifted.meta)
     return gm
+
+
+def _install_guard(gm: fx.GraphModule, guard: "ShapeGuard") -> None:
+    """`guard` as the graph's first call, replacing export's own check (not picklable; the guard checks the same)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    gm._guards_fn = guard
+    with graph.inserting_after(placeholders[-1] if placeholders else next(iter(graph.nodes))):
+        graph.call_module("_guards_fn", tuple(placeholders))
+    gm.recompile()
 
 
 def _finite(bound) -> int | None:

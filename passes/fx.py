@@ -21,7 +21,7 @@ from ..patterns.borders import border_fill_of_writes
 from ..patterns.channels import ACTIVATIONS, clip
 from ..patterns.planner import (Affine, Concat, Layout, Permute, Pointwise, Regroup, Scaled, Sum, Transposed,
                                 need_layout, padded, precision, read_once, splits_channels)
-from .fx_dialects import CONV_MODULES, IN_PLACE, SHAPE_OF_OTHER, Call, normalize
+from .fx_dialects import ACTIVATION_MODULES, CONV_MODULES, IN_PLACE, SHAPE_OF_OTHER, Call, normalize
 from ..patterns.report import GraphStats
 
 aten = torch.ops.aten
@@ -604,10 +604,21 @@ def _fetch_attr(gm: nn.Module, target: str):
 
 # ---------------------------------------------------------------- statistics
 
+_MODULE_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+                 nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+                 nn.ConvTranspose3d: "conv_transpose3d", nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm",
+                 nn.BatchNorm3d: "batch_norm", nn.AvgPool1d: "avg_pool1d", nn.AvgPool2d: "avg_pool2d",
+                 nn.AvgPool3d: "avg_pool3d", nn.MaxPool1d: "max_pool1d", nn.MaxPool2d: "max_pool2d",
+                 nn.MaxPool3d: "max_pool3d", nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
+                 **ACTIVATION_MODULES}  # named as the functional and aten graphs name them
+
+
 def op_kind(node: fx.Node, gm: nn.Module) -> str:
-    """A readable op type: module class for call_module, function name otherwise."""
+    """A readable op type: the function name, the same for a module call that computes it (nn.Linear and
+    F.linear are "linear"); else the module's class."""
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
+        cls = type(gm.get_submodule(node.target))
+        return _MODULE_KINDS.get(cls, cls.__name__)
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._opname
     return _name(node.target)

@@ -102,7 +102,7 @@ _ALIASES = {"min_val": "min", "max_val": "max", "train": "training", "running_me
 
 CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
+ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
                        nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.Tanh: "tanh"}
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 
@@ -140,8 +140,8 @@ def _module_call(mod: nn.Module, x) -> Call | None:
         return Call("pad", dict(input=x, pad=mod.padding, mode="constant", value=float(getattr(mod, "value", 0.0))))
     if t is nn.Identity or (isinstance(mod, nn.modules.dropout._DropoutNd) and not mod.training):
         return Call("identity", dict(input=x))
-    if t in _ACTIVATION_MODULES:
-        return Call("activation", dict(input=x, fn=_ACTIVATION_MODULES[t]))
+    if t in ACTIVATION_MODULES:
+        return Call("activation", dict(input=x, fn=ACTIVATION_MODULES[t]))
     if t is nn.Hardtanh:
         return Call("clamp", dict(input=x, min=mod.min_val, max=mod.max_val))
     return None

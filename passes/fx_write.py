@@ -218,7 +218,7 @@ def _resize(node: fx.Node, view: FxView, old: fx.Node, channels: int) -> None:
             with mode if mode is not None else torch.device(meta.device):
                 node.meta[key] = torch.empty(shape, dtype=meta.dtype, device=meta.device)
         elif hasattr(meta, "_replace"):
-            node.meta[key] = meta._replace(shape=torch.Size(shape))
+            node.meta[key] = meta._replace(shape=type(meta.shape)(shape))  # torch.Size, or a tuple with probed sizes
 
 
 # ---------------------------------------------------------------- entry points

@@ -368,7 +368,7 @@ def test_onnx_export_through_onnxsim():
 def fx_ops(gm):
     from repfuse.passes.fx import op_kind
 
-    return Counter(op_kind(n, gm) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return Counter(op_kind(n, gm) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
 
 
 @pytest.mark.parametrize("view", FOLDS + STAYS + ("bn_then_linear",))

@@ -1,0 +1,186 @@
+"""deploy's fast capture: torch.fx.symbolic_trace, with sizes read from runs at two input sizes.
+
+torch.export proves which sizes are dynamic with symbolic shapes, and that sympy work is most of
+its time (3-4x a static export on MobileOne-S0).  symbolic_trace records the model's code without
+running it on sizes at all, so its graph is as general as the model's code; what the rules need
+are the sizes of every value.  They come from two concrete runs:
+
+- the example inputs (the traced graph must reproduce the model's output bit for bit there, or
+  the trace is not the model: a data-dependent branch, state changed in forward, ...), and
+- a probe: every dim of the inputs that can change (size >= 2, and the model runs with it changed)
+  grown by a different odd amount, so that no two input dims share a value and floor/ceil
+  rounding (stride 2: 64 -> 32 either way) shows.
+
+A dim equal in both runs is static; one that differs is a `ProbedSize`, which the FX adapter
+treats like torch.export's symbolic sizes: never baked into the graph, equal only to a dim with
+the same pair of values.  The fused graph is then run at both sizes against the model (any size
+that slipped into it would show), and the capture fixes every input dim that was not probed.
+Anything that does not hold returns None: deploy then captures with torch.export.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import namedtuple
+
+import sympy
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger("repfuse")
+
+__all__ = ["ProbedSize", "trace", "probe_size"]
+
+_Meta = namedtuple("_Meta", "shape dtype")  # what passes.fx reads from node.meta["tensor_meta"]
+
+
+class ProbedSize:
+    """A dim that changed with the input: `node.expr` names it by its (example, probe) values, as
+    torch's SymInt names a dynamic size; `node.hint` is its example value."""
+
+    def __init__(self, example: int, probe: int):
+        self.node = self  # passes.fx reads d.node.expr and d.node.hint, as on a SymInt
+        self.expr = sympy.Symbol(f"p{example}_{probe}", positive=True, integer=True)
+        self.hint = example
+
+    def __repr__(self) -> str:
+        return str(self.expr)
+
+
+def trace(module: nn.Module, inputs: tuple, fuse, tolerance: float = 1e-4):
+    """(fused GraphModule, input dims: int where fixed, a name where dynamic, fuse's report) or None
+    when the fast capture does not apply.  `fuse(gm)` rewrites the graph in place."""
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        return None
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as e:  # data-dependent control flow, unsupported Python: torch.export may still capture it
+        log.debug("repfuse.deploy: symbolic_trace failed (%s); capturing with torch.export", e)
+        return None
+    example = _run(gm, inputs)
+    if example is None or not _identical(example[1], module(*inputs)):
+        log.debug("repfuse.deploy: the symbolic trace does not reproduce the model; capturing with torch.export")
+        return None
+    dims, probe_inputs, probed = _probe(gm, inputs)
+    if probed is None:
+        probed = example
+    if not _annotate(gm, example[0], probed[0]):
+        return None
+    report = fuse(gm)
+    for args, want in ((inputs, example[1]), (probe_inputs, probed[1])):
+        if not _close(gm(*args), want, tolerance):
+            log.warning("repfuse.deploy: the fused symbolic trace differs from the model at input sizes %s; "
+                        "capturing with torch.export", [tuple(t.shape) for t in args])
+            return None
+    names: dict = {}
+    input_dims = [[f"s{names.setdefault((i, d), len(names))}" if (i, d) in dims else n
+                   for d, n in enumerate(t.shape)] for i, t in enumerate(inputs)]
+    return gm, input_dims, report
+
+
+def probe_size(size: int, dim: int, k: int) -> int:
+    """The probe's size for an example dim (the k-th dim probed, dim `dim` of its input): a batch (dim 0)
+    grows by a small odd step; any other dim by at least 65 and half its size, so that a size after up
+    to 64x downsampling changes too; steps are odd (rounding shows) and differ between dims."""
+    step = 1 + 2 * k if dim == 0 else max(size // 2 + 1, 65) + 2 * k
+    return size + (step if step % 2 else step + 1)
+
+
+def _probe(gm: fx.GraphModule, inputs: tuple):
+    """(the input dims the graph runs with changed, as {(input, dim): size}; the probe inputs; the probe
+    run's sizes and output): all candidate dims at once, then all but the channel dims (dim 1), then
+    those that run alone.  ({}, inputs, None) when none can change."""
+    candidates = [(i, d) for i, t in enumerate(inputs) for d, n in enumerate(t.shape) if n >= 2]
+    sizes = {c: probe_size(inputs[c[0]].shape[c[1]], c[1], k) for k, c in enumerate(candidates)}
+    attempts = [sizes, {c: n for c, n in sizes.items() if c[1] != 1}]
+    for attempt in attempts + [None]:
+        if attempt is None:  # one at a time: a failed run usually stops at the first layer, so this is cheap
+            attempt = {c: n for c, n in sizes.items() if _run(gm, _grown(inputs, {c: n})) is not None}
+        if not attempt:
+            continue
+        grown = _grown(inputs, attempt)
+        probed = _run(gm, grown)
+        if probed is not None:
+            return attempt, grown, probed
+    return {}, inputs, None
+
+
+def _grown(inputs: tuple, sizes: dict) -> tuple:
+    out = []
+    for i, t in enumerate(inputs):
+        shape = [sizes.get((i, d), n) for d, n in enumerate(t.shape)]
+        if shape == list(t.shape):
+            out.append(t)
+        elif t.is_floating_point():
+            out.append(torch.randn(shape, dtype=t.dtype, generator=torch.Generator().manual_seed(i)))
+        else:  # ids, masks: zeros are valid everywhere
+            out.append(torch.zeros(shape, dtype=t.dtype))
+    return tuple(out)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps every tensor value's shape and dtype."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[str, _Meta] = {}
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        if isinstance(value, torch.Tensor):
+            self.shapes[node.name] = _Meta(tuple(value.shape), value.dtype)
+        return value
+
+
+def _run(gm: fx.GraphModule, inputs: tuple):
+    """(each tensor value's shape and dtype, the output) of one run; None when the graph fails on `inputs`."""
+    recorder = _Recorder(gm)
+    try:
+        out = recorder.run(*inputs)
+    except Exception:
+        return None
+    return recorder.shapes, out
+
+
+def _annotate(gm: fx.GraphModule, example: dict, probe: dict) -> bool:
+    """Node meta for the rules: example sizes, with the dims that changed as ProbedSizes."""
+    named: dict[tuple[int, int], ProbedSize] = {}
+    for node in gm.graph.nodes:
+        a, b = example.get(node.name), probe.get(node.name)
+        if a is None or b is None:
+            continue
+        if len(a.shape) != len(b.shape):
+            return False  # the rank follows the size: nothing the rules could read
+        shape = tuple(x if x == y else named.setdefault((x, y), ProbedSize(x, y)) for x, y in zip(a.shape, b.shape))
+        node.meta["tensor_meta"] = _Meta(shape, a.dtype)
+    return True
+
+
+def _identical(a, b) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(la, lb))
+
+
+def _close(a, b, tolerance: float) -> bool:
+    """Equal up to `tolerance` relative to the largest output magnitude (fusing reorders float sums)."""
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            if x != y:
+                return False
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point():
+            scale = float(y.abs().max()) if y.numel() else 0.0
+            tol = tolerance if y.dtype in (torch.float32, torch.float64) else 1e-2  # half types round at ~1e-3
+            if not torch.allclose(x.double(), y.double(), rtol=0, atol=tol * max(scale, 1e-6)):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True

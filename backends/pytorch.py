@@ -299,17 +299,20 @@ def compiled_graphs() -> list["FusedGraph"]:
     return list(_COMPILED)
 
 
-BACKEND_OPTIONS = ("inner", "explain", "disable", "enable")
+BACKEND_OPTIONS = ("inner", "explain", "disable", "enable", "freezing")
 
 
 def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                     mode: str | None = None, **_unused):
     """torch.compile backend.  options: {"inner": "inductor" | "eager" | "tvm" | callable, "explain": bool,
-    "disable": [rule names], "enable": [rule names]} (rules: repfuse.patterns.rules.RULES).
+    "disable": [rule names], "enable": [rule names], "freezing": bool} (rules: repfuse.patterns.rules.RULES).
     `mode` (torch.compile's "default", "reduce-overhead", "max-autotune", ...) goes to inductor;
-    torch.compile takes mode or options, not both."""
+    torch.compile takes mode or options, not both.  "freezing" (default: inductor's `freezing` config)
+    bakes the fused weights and every parameter into the graph as constants, for inductor to fold: like
+    inductor's own freezing, later changes to the parameters are not seen."""
     options = dict(options or {})
-    inner = _inner_compiler(options.pop("inner", "inductor"), mode)
+    freezing = bool(options.pop("freezing", _inductor_freezing()))
+    inner = _inner_compiler(options.pop("inner", "inductor"), mode, freezing)
     explain = bool(options.pop("explain", False))
     rules = enabled(options.pop("disable", ()), options.pop("enable", ()))
     if options:
@@ -318,7 +321,7 @@ def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     if reason:
         log.info("repfuse: graph passed through unchanged: %s", reason)
         return inner(gm, example_inputs)
-    fused = FusedGraph(gm, list(example_inputs), inner, rules)
+    fused = (FrozenGraph if freezing else FusedGraph)(gm, list(example_inputs), inner, rules)
     if explain:
         log.warning("repfuse backend:\n%s", fused.report.table(explain=True))
     if not fused.changed:
@@ -327,19 +330,29 @@ def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     return fused
 
 
-def _inner_compiler(inner, mode: str | None = None) -> Callable:
+def _inductor_freezing() -> bool:
+    try:
+        from torch._inductor import config
+    except ImportError:
+        return False
+    return bool(config.freezing)
+
+
+def _inner_compiler(inner, mode: str | None = None, freezing: bool = False) -> Callable:
     if callable(inner):
         return inner
     if inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        if mode in (None, "default"):
-            return compile_fx
         try:
-            patches = list_mode_options(mode)
+            patches = {} if mode in (None, "default") else list_mode_options(mode)
         except RuntimeError as e:
             raise ValueError(f"repfuse backend: {e}") from None
+        if freezing:
+            patches["freezing"] = True
+        if not patches:
+            return compile_fx
         return lambda gm, example_inputs: compile_fx(gm, example_inputs, config_patches=patches)
     if inner == "eager":
         return lambda gm, example_inputs: gm.forward
@@ -521,6 +534,50 @@ class FusedGraph:
                 self._fallback = self.inner(self.original, list(args))
             return self._fallback(*args)
         return self.compiled(*self._kept(args), *self._tensors)
+
+
+class FrozenGraph:
+    """The backend's result under freezing: every parameter the graph reads and every fused weight is an
+    attribute of the graph module (inductor freezes attributes, not graph inputs), baked at compile time."""
+
+    recomputes = 0  # nothing is watched: a frozen graph never recomputes its weights
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, inner: Callable, rules: frozenset[str]):
+        state = _parameter_inputs(gm, example_inputs)
+        original = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        before = fxpass.graph_stats(fxpass.FxView(gm, {original[i]: example_inputs[i] for i in state}))
+        work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
+        first = next((n for n in work.graph.nodes if n.op != "placeholder"), None)
+        for i in state:
+            name = _free_name(work, f"state_{placeholders[i].name}")
+            work.register_buffer(name, example_inputs[i].detach())
+            with work.graph.inserting_before(first):
+                attr = work.graph.get_attr(name)
+            attr.meta.update(placeholders[i].meta)
+            placeholders[i].replace_all_uses_with(attr)
+
+        def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
+            name = _free_name(work, name)
+            work.register_buffer(name, tensor)
+            with work.graph.inserting_before(before_node):
+                node = work.graph.get_attr(name)
+            node.meta["example_value"] = tensor
+            return node
+
+        with torch.no_grad():
+            self.run, _ = run_rules(work, None, constant_node, rules)
+        self._kept = _getter(FusedGraph._drop_unused_inputs(work, example_inputs))
+        self.graph_module = work
+        self.report = FusionReport.of(before, fxpass.graph_stats(fxpass.FxView(work)), self.run)
+        self.compiled = inner(work, list(self._kept(example_inputs)))
+
+    @property
+    def changed(self) -> bool:
+        return self.run.modified
+
+    def __call__(self, *args):
+        return self.compiled(*self._kept(args))
 
 
 _version = attrgetter("_version")

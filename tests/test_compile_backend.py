@@ -230,3 +230,33 @@ def test_backend_refuses_unknown_rules():
         with torch.no_grad():
             torch.compile(torch.nn.Conv2d(3, 3, 1), backend="repfuse", options={"disable": ["bogus"]})(
                 torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("how", ["option", "inductor_config"])
+def test_freezing_bakes_every_weight_into_the_graph(how):
+    from torch._inductor import config
+
+    model = B.randomize(torch.nn.Sequential(B.RepVGGBlock(4, 8), B.RepVGGBlock(8, 8))).eval()
+    x = torch.randn(2, 4, 16, 16)
+    rec = Recorder()
+    options = {"inner": rec, "freezing": True} if how == "option" else {"inner": rec}
+    fn = torch.compile(model, backend="repfuse", options=options)
+    with torch.no_grad(), config.patch(freezing=how == "inductor_config"):
+        want = model(x)
+        assert_close(fn(x), want)
+        gm = rec.graphs[-1]
+        assert rec.convs() == 2 and rec.batchnorms() == 0
+        assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 1  # the image; weights are attributes
+        assert [g for g in backend.compiled_graphs() if isinstance(g, backend.FrozenGraph)]
+        # like inductor's freezing: an edit after compiling is not seen (the unfrozen backend follows it)
+        next(model.parameters()).mul_(2)
+        assert_close(fn(x), want)
+        assert not torch.allclose(model(x), want)
+
+
+def test_freezing_with_inductor_matches_eager():
+    model = B.randomize(B.RepVGGBlock(4, 4)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        got = torch.compile(model, backend="repfuse", options={"freezing": True})(x)
+        assert_close(got, model(x))

@@ -67,6 +67,7 @@ def trace(module: nn.Module, inputs: tuple, fuse, tolerance: float = 1e-4):
         probed = example
     if not _annotate(gm, example[0], probed[0]):
         return None
+    _fold_rank_reads(gm)
     report = fuse(gm)
     for args, want in ((inputs, example[1]), (probe_inputs, probed[1])):
         if not _close(gm(*args), want, tolerance):
@@ -155,6 +156,20 @@ def _annotate(gm: fx.GraphModule, example: dict, probe: dict) -> bool:
         shape = tuple(x if x == y else named.setdefault((x, y), ProbedSize(x, y)) for x, y in zip(a.shape, b.shape))
         node.meta["tensor_meta"] = _Meta(shape, a.dtype)
     return True
+
+
+def _fold_rank_reads(gm: fx.GraphModule) -> None:
+    """`x.ndim` and `x.dim()` as the constant rank (the same in both runs; torch.export specializes it too).
+    timm asserts ranks inside its norm layers: left as reads, they keep every conv output a second
+    reader, which stops it from merging with anything."""
+    for node in list(gm.graph.nodes):
+        rank_read = (node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",)) or \
+            (node.op == "call_method" and node.target == "dim" and len(node.args) == 1)
+        meta = node.args[0].meta.get("tensor_meta") if rank_read and isinstance(node.args[0], fx.Node) else None
+        if meta is not None:
+            node.replace_all_uses_with(len(meta.shape))
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _identical(a, b) -> bool:

@@ -171,3 +171,29 @@ def test_report_names_ops_alike_in_both_captures(monkeypatch):
     for report in (fast, exported):
         assert report.before.ops["conv2d"] == 1 and report.before.ops["batch_norm"] == 1
         assert report.after.ops["batch_norm"] == 0
+
+
+class AssertingNorm(nn.BatchNorm2d):
+    """timm's norm layers assert the rank: a read of every conv output that must not stop merging."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        torch._assert(x.dim() > 1, "expected channels")
+        return super().forward(x)
+
+
+def test_rank_reads_do_not_block_merging(exports):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Conv2d(4, 4, 1, bias=False)
+            self.na, self.nb = AssertingNorm(4), AssertingNorm(4)
+
+        def forward(self, x):
+            return self.na(self.a(x)) + self.nb(self.b(x))
+
+    model = B.randomize(Block()).eval()
+    gm = repfuse.deploy(model, (torch.randn(2, 4, 8, 8),))
+    assert exports == []
+    assert counts(gm) == (1, 0)
+    close(gm, model, torch.randn(3, 4, 11, 6))

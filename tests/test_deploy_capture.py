@@ -179,7 +179,8 @@ class AssertingNorm(nn.BatchNorm2d):
     def forward(self, x):
         torch._assert(x.ndim == 4, "expected a 4-D input")
         torch._assert(x.dim() > 1, "expected channels")
-        return super().forward(x)
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              False, 0.0, self.eps)
 
 
 def test_rank_reads_do_not_block_merging(exports):

@@ -175,8 +175,15 @@ def _fold_rank_reads(gm: fx.GraphModule) -> None:
 def _identical(a, b) -> bool:
     la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
     return len(la) == len(lb) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        _same_bits(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
         for x, y in zip(la, lb))
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal, NaN where NaN (a deep random network can overflow)."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    return torch.equal(x, y) or (x.is_floating_point() and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True))
 
 
 def _close(a, b, tolerance: float) -> bool:
@@ -192,9 +199,10 @@ def _close(a, b, tolerance: float) -> bool:
         if x.shape != y.shape or x.dtype != y.dtype:
             return False
         if x.is_floating_point():
-            scale = float(y.abs().max()) if y.numel() else 0.0
             tol = tolerance if y.dtype in (torch.float32, torch.float64) else 1e-2  # half types round at ~1e-3
-            if not torch.allclose(x.double(), y.double(), rtol=0, atol=tol * max(scale, 1e-6)):
+            finite = y[torch.isfinite(y)]
+            scale = float(finite.abs().max()) if finite.numel() else 0.0
+            if not torch.allclose(x.double(), y.double(), rtol=0, atol=tol * max(scale, 1e-6), equal_nan=True):
                 return False
         elif not torch.equal(x, y):
             return False

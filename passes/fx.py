@@ -579,7 +579,7 @@ def same_shape(a, b) -> bool:
     Compares without asking the shape environment, so it adds no guard."""
     if a is None or b is None or len(a) != len(b):
         return False
-    key = lambda d: d if isinstance(d, int) else str(getattr(getattr(d, "node", None), "expr", d))  # noqa: E731
+    key = lambda d: d if isinstance(d, int) else getattr(getattr(d, "node", None), "expr", d)  # noqa: E731
     return all(key(x) == key(y) for x, y in zip(a, b))
 
 

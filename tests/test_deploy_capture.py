@@ -198,3 +198,23 @@ def test_rank_reads_do_not_block_merging(exports):
     assert exports == []
     assert counts(gm) == (1, 0)
     close(gm, model, torch.randn(3, 4, 11, 6))
+
+
+def test_outputs_with_nan_still_take_the_fast_capture(exports):
+    # a random deep network can overflow; NaN must compare equal to NaN when checking the trace
+    model = B.randomize(nn.Sequential(B.RepVGGBlock(4, 4), nn.Hardtanh(-1.0, 0.0))).eval()
+    class Log(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return torch.log(self.body(x))  # log of values <= 0: -inf and NaN
+
+    wrapped = Log().eval()
+    x = torch.randn(2, 4, 8, 8)
+    gm = repfuse.deploy(wrapped, (x,))
+    assert exports == []
+    with torch.no_grad():
+        assert torch.allclose(gm(x), wrapped(x), rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert counts(gm) == (1, 0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 _EXAMPLES = """\
 examples:
-  repfuse optimize model.onnx -o model.opt.onnx
+  repfuse optimize model.onnx model.opt.onnx          # or -o model.opt.onnx
   repfuse optimize model.onnx -o model.opt.onnx --check --report report.json
   repfuse optimize model.onnx -o out.onnx --check --input-shape input:1,3,224,224
   repfuse optimize big.onnx -o out.onnx --external-data     # weights in out.onnx.data
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repfuse", description="Fold training-form branches into deployment graphs, exactly.",
         epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"repfuse {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     opt = sub.add_parser("optimize", help="optimize an ONNX file", epilog=examples,
                          formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "constant channels (see --list-rules).")
     opt.add_argument("input", metavar="IN", nargs="?",
                      help="the ONNX model to optimize (never modified unless --in-place)")
+    opt.add_argument("out", metavar="OUT", nargs="?", help="where to write the optimized model (or -o OUT)")
     opt.add_argument("-o", "--output", metavar="OUT", help="where to write the optimized model")
     opt.add_argument("--in-place", action="store_true", help="overwrite IN (only with this flag)")
     opt.add_argument("--check", action="store_true",
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="example:\n  repfuse compile model.onnx -o model.so --target llvm --check\n"
                                  "load it with tvm.runtime.load_module and run with tvm.relax.VirtualMachine.")
     comp.add_argument("input", metavar="IN", nargs="?", help="the ONNX model")
-    comp.add_argument("-o", "--output", metavar="OUT.so", help="where to write the library (required)")
+    comp.add_argument("out", metavar="OUT.so", nargs="?", help="where to write the library (or -o OUT.so)")
+    comp.add_argument("-o", "--output", metavar="OUT.so", help="where to write the library")
     comp.add_argument("--target", default="llvm", help="TVM target (default: llvm)")
     comp.add_argument("--check", action="store_true",
                       help="run IN in onnxruntime and OUT in TVM on random inputs; exit 1 if outputs differ")
@@ -139,12 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from repfuse import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command not in ("optimize", "compile"):
         parser.print_help()
         return 2
+    if args.out is not None:  # OUT as onnxsim takes it, or -o OUT
+        if args.output is not None and args.output != args.out:
+            print(f"repfuse {args.command}: error: two outputs given ({args.out} and -o {args.output})",
+                  file=sys.stderr)
+            return 2
+        args.output = args.out
     if args.list_rules:
         print(rules_table())
         return 0
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repfuse {args.command}: error: give the input model IN (or --list-rules)", file=sys.stderr)
         return 2
     if args.command == "compile" and not args.output:
-        print("repfuse compile: error: give -o OUT.so", file=sys.stderr)
+        print("repfuse compile: error: give OUT.so (or -o OUT.so)", file=sys.stderr)
         return 2
     try:
         from ..patterns.rules import enabled
@@ -192,7 +207,7 @@ def _optimize(args) -> int:
         if target.resolve() != source.resolve():
             raise pipeline.InputError("--in-place writes IN itself; drop -o or drop --in-place")
     elif not args.output:
-        raise pipeline.InputError("give -o OUT (or --in-place to overwrite IN)")
+        raise pipeline.InputError("give OUT (repfuse optimize IN OUT, or -o OUT; --in-place overwrites IN)")
     else:
         target = Path(args.output)
         if target.exists() and target.resolve() == source.resolve():

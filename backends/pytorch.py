@@ -18,6 +18,7 @@ import copy
 import functools
 import logging
 import math
+import warnings
 import weakref
 from operator import attrgetter, is_, itemgetter
 from typing import Any, Callable, Sequence
@@ -65,6 +66,10 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
         raise TypeError(f"repfuse.deploy: example_inputs must be a tensor or a tuple of inputs, "
                         f"not {type(example_inputs).__name__}")
     example_inputs = tuple(example_inputs)
+    _check_arguments(model, example_inputs)
+    if model.training:
+        warnings.warn(f"repfuse.deploy: {type(model).__name__} is in training mode; deploying its eval() form "
+                      "(BatchNorm uses its running statistics, dropout is off)", stacklevel=2)
     module = copy.deepcopy(model).eval()
     with torch.no_grad():
         fast = None if dynamic_shapes is not None else trace(module, example_inputs, functools.partial(
@@ -77,9 +82,25 @@ def deploy(model: nn.Module, example_inputs: Any, *, explain: bool = False, disa
             gm = _capture(module, example_inputs, dynamic_shapes)
             report = fuse_graph_module(gm, rules=rules)
     gm.meta["repfuse_report"] = report
+    gm.eval()
     if explain:
         log.warning("repfuse.deploy:\n%s", report.table(explain=True))
     return gm
+
+
+def _check_arguments(model: nn.Module, example_inputs: tuple) -> None:
+    """Example inputs that forward() cannot take are the caller's mistake: say so before tracing."""
+    import inspect
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C++ forward: let the capture find out
+        return
+    try:
+        signature.bind(*example_inputs)
+    except TypeError as e:
+        raise TypeError(f"repfuse.deploy: the example inputs do not match {type(model).__name__}.forward"
+                        f"{signature}: {e} (give one example per positional argument, as a tuple)") from None
 
 
 def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[str] | None = None) -> FusionReport:

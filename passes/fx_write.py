@@ -6,6 +6,8 @@ placeholder for the torch.compile backend, which recomputes them when the weight
 
 from __future__ import annotations
 
+import re
+
 import operator
 from collections import namedtuple
 from typing import Callable
@@ -37,6 +39,16 @@ def example_like(node) -> torch.Tensor | None:
     return None if tm is None else torch.empty(0, dtype=tm.dtype)
 
 
+def module_scope(node: fx.Node) -> str:
+    """The path of the module a node was traced in, as an identifier ("stages.1.0" -> "stages_1_0"); dynamo's
+    `L['self']` prefix dropped; the node's own name when the graph kept no module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = str(list(stack.values())[-1][0]) if stack else node.name
+    path = re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", path)
+    name = re.sub(r"[^0-9A-Za-z]+", "_", path).strip("_") or node.name
+    return name if name[0].isalpha() else f"layer_{name}"
+
+
 def to_tensor(array: np.ndarray, like: torch.Tensor | None) -> torch.Tensor:
     """A float64 numpy array as a torch tensor in the model's dtype and device."""
     dtype = like.dtype if like is not None and like.dtype.is_floating_point else torch.float32
@@ -51,15 +63,15 @@ class FxEmitter:
         self.adapter, self.view, self.graph, self.at, self.like = adapter, view, view.graph, at, like
         self.source = source  # the value the edit's term reads
 
-    def _const(self, array: np.ndarray) -> fx.Node:
-        return self.adapter.new_constant(to_tensor(array, self.like), self.at)
+    def _const(self, array: np.ndarray, role: str) -> fx.Node:
+        return self.adapter.new_constant(to_tensor(array, self.like), self.at, role)
 
     def _call(self, fn, *args) -> fx.Node:
         with self.graph.inserting_before(self.at):
             return self.graph.call_function(fn, args)
 
     def constant(self, of: fx.Node) -> fx.Node:
-        node = self.adapter.new_constant(self.view.const(of).clone(), self.at)
+        node = self.adapter.new_constant(self.view.const(of).clone(), self.at, "folded")
         node.meta.update({k: v for k, v in of.meta.items() if k in SHAPE_META})
         return node
 
@@ -69,25 +81,26 @@ class FxEmitter:
         extra = [(b - s, e - s) for (b, e), s in zip(op.pads, sym)]
         if any(e != (0, 0) for e in extra):
             x = self._call(F.pad, x, [p for pair in reversed(extra) for p in pair])  # torch order: last dim first
-        weight = self._const(op.weight) if weight is None else weight
-        bias = self._const(op.bias) if bias is None else bias
+        weight = self._const(op.weight, "weight") if weight is None else weight
+        bias = self._const(op.bias, "bias") if bias is None else bias
         return self._call(_CONV_FN[op.rank], x, weight, bias, op.stride, sym, op.dilation,
                           op.groups if groups is None else groups)
 
     def conv_transpose(self, x: fx.Node, op: ConvTranspose) -> fx.Node:
         """One transposed conv (cannot_write checked that it pads both ends of a dim alike)."""
         padding = tuple(b for b, _ in op.pads)
-        return self._call(_CONV_TRANSPOSE_FN[op.rank], x, self._const(op.weight), self._const(op.bias),  # [I, O/g, *k]
+        return self._call(_CONV_TRANSPOSE_FN[op.rank], x, self._const(op.weight, "weight"),
+                          self._const(op.bias, "bias"),  # [I, O/g, *k]
                           op.stride, padding, op.output_padding, op.groups, op.dilation)
 
     def linear(self, x: fx.Node, weight: np.ndarray, bias: np.ndarray) -> fx.Node:
-        return self._call(F.linear, x, self._const(weight), self._const(bias))  # W [O, I]
+        return self._call(F.linear, x, self._const(weight, "weight"), self._const(bias, "bias"))  # W [O, I]
 
     def scale_shift(self, x: fx.Node, scale, shift, rank: int) -> fx.Node:
         meta = {k: v for k, v in x.meta.items() if k in SHAPE_META}
-        for fn, vector in ((torch.mul, scale), (torch.add, shift)):
+        for fn, vector, role in ((torch.mul, scale, "scale"), (torch.add, shift, "shift")):
             if vector is not None:
-                x = self._call(fn, x, self._const(vector.reshape((-1,) + (1,) * rank)))  # [C, 1 x rank]
+                x = self._call(fn, x, self._const(vector.reshape((-1,) + (1,) * rank), role))  # [C, 1 x rank]
                 x.meta.update(meta)  # same shape and dtype: later rounds read them
         return x
 
@@ -109,13 +122,14 @@ class FxEmitter:
         """conv(x viewed as [1, N*C, ...], per-sample kernels stacked to [N*O, I/g, *k], groups N*g)."""
         static, (K, O) = term.static, term.biases.shape
         pi = self._call(torch.cat, [self._call(torch.reshape, s, (-1, 1)) for s in term.scales], 1)  # [N, K]
-        mixed = self._const(term.weights.reshape(K, -1))  # [K, O*I/g*prod(k)]
+        mixed = self._const(term.weights.reshape(K, -1), "expert_weights")  # [K, O*I/g*prod(k)]
         if term.has_static_weight:
-            w = self._call(torch.addmm, self._const(static.weight.reshape(1, -1)), pi, mixed)
+            w = self._call(torch.addmm, self._const(static.weight.reshape(1, -1), "weight"), pi, mixed)
         else:
             w = self._call(torch.mm, pi, mixed)  # [N, O*I/g*prod(k)]
         w = self._call(torch.reshape, w, (-1,) + static.weight.shape[1:])  # [N*O, I/g, *k]
-        b = self._call(torch.addmm, self._const(static.bias.reshape(1, O)), pi, self._const(term.biases))  # [N, O]
+        b = self._call(torch.addmm, self._const(static.bias.reshape(1, O), "bias"), pi,
+                           self._const(term.biases, "expert_biases"))  # [N, O]
         b = self._call(torch.reshape, b, (-1,))  # [N*O]
         groups = self._call(operator.mul, self._call(torch.Tensor.size, x, 0), static.groups)
         merged = self._call(torch.unsqueeze, self._call(torch.flatten, x, 0, 1), 0)  # [1, N*C, ...]
@@ -139,10 +153,15 @@ class FxAdapter:
         self.gm, self.constants, self.constant_node = gm, dict(constants or {}), constant_node
         self.created: dict[str, torch.Tensor] = {}  # new constants, in creation order
 
-    def new_constant(self, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        name = f"repfuse_c{len(self.created)}"
-        self.created[name] = tensor
+    def new_constant(self, tensor: torch.Tensor, before: fx.Node, role: str) -> fx.Node:
+        """A constant named after the module the rewritten value belongs to: `stages_1_0_weight`."""
+        base = f"{module_scope(before)}_{role}"
+        name, i = base, 0
+        while name in self.created or hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
         node = self.constant_node(name, tensor, before)
+        self.created[node.name if node.op == "placeholder" else name] = tensor  # the graph may rename a placeholder
         if node.op == "placeholder":
             self.constants[node] = tensor
         return node

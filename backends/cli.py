@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     opt.add_argument("--external-data", action="store_true",
                      help="store weights in OUT.data beside OUT (automatic above 2 GB)")
-    opt.add_argument("--explain", action="store_true", help="list every op left alone, by rule and reason")
+    opt.add_argument("-v", "--verbose", action="store_true",
+                     help="the full report: every op type, each rule, each fused region")
+    opt.add_argument("--explain", action="store_true",
+                     help="--verbose, and every op left alone, by rule and reason")
     opt.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
     _add_rule_options(opt)
 
@@ -136,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                       help="input size for --check (repeatable)")
     comp.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
-    comp.add_argument("--explain", action="store_true", help="list every op left alone, by rule and reason")
+    comp.add_argument("-v", "--verbose", action="store_true",
+                      help="the full report: every op type, each rule, each fused region")
+    comp.add_argument("--explain", action="store_true",
+                      help="--verbose, and every op left alone, by rule and reason")
     comp.add_argument("-q", "--quiet", action="store_true", help="print only errors and the check verdict")
     _add_rule_options(comp)
     return parser
@@ -252,7 +258,8 @@ def _optimize(args) -> int:
                 skipped = str(e)
             status = 0 if check_rows is None or all(r["ok"] for r in check_rows) else 1
         if not args.quiet:
-            print(report.table(explain=args.explain))
+            print(report.table(explain=args.explain, verbose=args.verbose))
+            print(f"time: {time.perf_counter() - progress.start:.1f} s")
         if skipped:
             print(f"check skipped: {skipped}")
         for r in check_rows or []:
@@ -305,7 +312,7 @@ def _compile(args) -> int:
               file=sys.stderr)
         return 2
     if not args.quiet:
-        print(report.table(explain=args.explain))
+        print(report.table(explain=args.explain, verbose=args.verbose))
     status = 0
     if args.check:
         feeds = pipeline.random_feeds(str(source), shapes)

@@ -272,9 +272,15 @@ def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] 
                 ir.passes.common.ShapeInferencePass()(model)
             except Exception:  # shapes are a help, not a requirement
                 pass
+    onnxsim_row = R.RuleRow("onnxsim", enabled=False)
     if isinstance(model, onnx.ModelProto):
         before = _proto_stats(model)
         proto = simplify(model, warn, isolate) if simplify_first else _infer_shapes(model)
+        if simplify_first:  # onnxsim's own folding (BatchNorm into Conv, shape arithmetic) gets its own row
+            simplified = _proto_stats(proto)
+            onnxsim_row = R.RuleRow("onnxsim", True, before.total_ops - simplified.total_ops,
+                                    f"{before.total_ops:,} -> {simplified.total_ops:,} ops, "
+                                    f"{before.convs} -> {simplified.convs} convs")
         model = ir.serde.deserialize_model(proto)
         before.macs = onnxpass.graph_stats(model).macs  # simplification leaves convs and their shapes alone
     else:
@@ -283,7 +289,9 @@ def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] 
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
     after = onnxpass.graph_stats(model)
-    return model, FusionReport.of(before, after, run)
+    report = FusionReport.of(before, after, run)
+    report.rules.insert(0, onnxsim_row)  # it runs first
+    return model, report
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -10,6 +10,9 @@ from .rules import RegionRow, RuleRow
 
 __all__ = ["GraphStats", "FusionReport", "RegionRow", "RuleRow", "Decline"]
 
+_COMPACT_KINDS = 6  # op types in the default table
+_STAGES = ("onnxsim",)  # rows of tools that run before the rules (their detail says what they did)
+
 
 @dataclass
 class GraphStats:
@@ -52,27 +55,47 @@ class FusionReport:
                 "note": self.note, "file_bytes": list(self.file_bytes) if self.file_bytes else None,
                 "rules": [asdict(r) for r in self.rules]}
 
-    def table(self, explain: bool = False) -> str:
+    def table(self, explain: bool = False, verbose: bool = False) -> str:
+        """The report as text.  Default: at most 20 lines (totals, the op types that changed most, one line of
+        rules); `verbose`: every op type, a row per rule and per fused region; `explain`: verbose, and every
+        op left alone by rule and reason."""
+        verbose = verbose or explain
         b, a = self.before, self.after
         rows = [("ops", b.total_ops, a.total_ops), ("convs", b.convs, a.convs),
                 ("MACs / sample", b.macs, a.macs), ("parameters", b.params, a.params)]
         if self.file_bytes:
             rows.append(("file bytes", *self.file_bytes))
         kinds = sorted(set(b.ops) | set(a.ops), key=lambda k: (-b.ops.get(k, 0), k))
+        hidden = 0
+        if not verbose:  # the op types that changed most
+            changed = sorted((k for k in kinds if b.ops.get(k, 0) != a.ops.get(k, 0)),
+                             key=lambda k: -abs(b.ops.get(k, 0) - a.ops.get(k, 0)))
+            hidden = len(kinds) - min(len(changed), _COMPACT_KINDS)
+            kinds = [k for k in kinds if k in changed[:_COMPACT_KINDS]]
         rows += [(f"  {k}", b.ops.get(k, 0), a.ops.get(k, 0)) for k in kinds]
         width = max(len(r[0]) for r in rows)
         lines = [f"{'':{width}}  {'before':>14}  {'after':>14}  {'ratio':>6}"]
         for name, x, y in rows:
             ratio = f"{y / x:.2f}" if x else "-"
             lines.append(f"{name:{width}}  {x:>14,}  {y:>14,}  {ratio:>6}")
-        if self.rules:
+        if hidden:
+            lines.append(f"  ({hidden} more op types, unchanged or changed less: --verbose)")
+        if self.rules and verbose:
             lines.append("rules:")
             for r in self.rules:
                 state = f"{r.applied:>5}" if r.enabled else "  off"
                 lines.append(f"  {r.name:<17}{state}  {r.detail}".rstrip())
-        lines.append(f"regions fused: {len(self.regions)}")
-        for r in self.regions:
-            lines.append(f"  {r.root} <- {r.source}: {r.ops} ops ({r.kinds}) -> {r.fused}")
+        elif self.rules:
+            stages = [r for r in self.rules if r.name in _STAGES and r.enabled]  # tools run before the rules
+            lines += [f"{r.name}: {r.detail}" for r in stages]
+            rules = [r for r in self.rules if r.name not in _STAGES]
+            on = ", ".join(f"{r.name} {r.applied}" for r in rules if r.enabled)
+            off = ", ".join(r.name for r in rules if not r.enabled)
+            lines.append(f"rules: {on}" + (f"; off: {off}" if off else ""))
+        lines.append(f"regions fused: {len(self.regions)}" + ("" if verbose or not self.regions else " (--verbose lists them)"))
+        if verbose:
+            for r in self.regions:
+                lines.append(f"  {r.root} <- {r.source}: {r.ops} ops ({r.kinds}) -> {r.fused}")
         if self.note:
             lines.append(self.note)
         if explain and self.declined:
@@ -83,6 +106,8 @@ class FusionReport:
             for (rule, reason), nodes in groups.items():
                 shown = ", ".join(nodes[:6]) + (f", ... ({len(nodes)} in all)" if len(nodes) > 6 else "")
                 lines.append(f"  {rule}: {reason}: {shown}")
+        elif self.declined and not verbose:
+            lines.append(f"left alone: {len(self.declined)} ops (--explain says why)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import repfuse
 from repfuse.backends.cli import main
+from repfuse.patterns.rules import RULES
 
 
 def conv_bn_relu(path, batch="n"):
@@ -76,3 +77,61 @@ def test_version_and_module_entry_point(command, tmp_path):
     same_outputs(src, out)
     usage = subprocess.run(command + ["optimize", "--help"], capture_output=True, text=True, timeout=60)
     assert usage.stdout.startswith("usage: repfuse optimize")  # the same program name either way
+
+
+def chain(path, blocks):
+    """`blocks` RepVGG-style blocks (3x3-BN + 1x1-BN + BN identity, then Relu): 8 nodes each."""
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    def bn(name, src):
+        params = [const(f"{name}.{p}", v) for p, v in (("s", rng.random(4) + 0.5), ("b", rng.standard_normal(4)),
+                                                       ("m", rng.standard_normal(4)), ("v", rng.random(4) + 0.5))]
+        nodes.append(helper.make_node("BatchNormalization", [src] + params, [name]))
+        return name
+
+    for i in range(blocks):
+        nodes.append(helper.make_node("Conv", [x, const(f"w3_{i}", rng.standard_normal((4, 4, 3, 3)) * 0.3)],
+                                      [f"c3_{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Conv", [x, const(f"w1_{i}", rng.standard_normal((4, 4, 1, 1)) * 0.3)],
+                                      [f"c1_{i}"]))
+        a, b, c = bn(f"bn3_{i}", f"c3_{i}"), bn(f"bn1_{i}", f"c1_{i}"), bn(f"bnid_{i}", x)
+        nodes += [helper.make_node("Add", [a, b], [f"s1_{i}"]), helper.make_node("Add", [f"s1_{i}", c], [f"s2_{i}"]),
+                  helper.make_node("Relu", [f"s2_{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    return path
+
+
+def test_default_output_is_compact_on_a_large_model(tmp_path, capsys):
+    src, out = chain(tmp_path / "in.onnx", 250), tmp_path / "out.onnx"  # 2,001 nodes
+    assert main(["optimize", str(src), str(out), "--no-simplify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert any(line.startswith("regions fused: 250") for line in lines)
+    assert op_types(out).count("Conv") == 250 and "BatchNormalization" not in op_types(out)
+    x = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa
+    np.testing.assert_allclose(run(out), run(src), rtol=1e-4, atol=1e-4 * float(np.abs(run(src)).max()))
+    assert main(["optimize", str(src), str(out), "--no-simplify", "--verbose"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) > 250  # a row per fused region
+
+
+def test_report_has_an_onnxsim_row(tmp_path):
+    import json
+
+    src, out, report = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(src), str(out), "--report", str(report), "-q"]) == 0
+    rules = json.loads(report.read_text())["rules"]
+    assert rules[0]["name"] == "onnxsim" and rules[0]["enabled"] and "ops" in rules[0]["detail"]
+    assert [r["name"] for r in rules[1:]] == [r.name for r in RULES]
+    assert main(["optimize", str(src), str(out), "--report", str(report), "--no-simplify", "-q"]) == 0
+    assert not json.loads(report.read_text())["rules"][0]["enabled"]
+    same_outputs(src, out)

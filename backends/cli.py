@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--check", action="store_true",
                      help="run IN and OUT in onnxruntime on random inputs; exit 1 if outputs differ")
     opt.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                     help="input size for --check (repeatable; NAME: for a scalar); dynamic dims default to batch 2, "
-                          "image 224")
+                     help="fix an input's dims in OUT, and run --check at them (repeatable; NAME: for a scalar); "
+                          "without it, --check gives dynamic dims batch 2, image 224")
     opt.add_argument("--report", metavar="FILE.json", help="write the before/after report as JSON")
     opt.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     opt.add_argument("--external-data", action="store_true",
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--check", action="store_true",
                       help="run IN in onnxruntime and OUT in TVM on random inputs; exit 1 if outputs differ")
     comp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                      help="input size for --check (repeatable)")
+                      help="fix an input's dims in the library, and run --check at them (repeatable)")
     comp.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     comp.add_argument("-v", "--verbose", action="store_true",
                       help="the full report: every op type, each rule, each fused region")
@@ -234,6 +234,7 @@ def _optimize(args) -> int:
     progress.stage(f"loading {source}")
     model = pipeline.load(source)
     pipeline.check_input_shapes(model, shapes)  # before any work: a wrong shape is the user's mistake
+    model = pipeline.fix_input_shapes(model, shapes)
     in_bytes = source.stat().st_size + _data_bytes(source)
     nodes = pipeline.node_count(model)
     if nodes >= 2000 and not args.quiet:
@@ -302,6 +303,7 @@ def _compile(args) -> int:
     pipeline.check_writable(target)
     model = pipeline.load(source)
     pipeline.check_input_shapes(model, shapes)
+    model = pipeline.fix_input_shapes(model, shapes)
     model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, rules=args.rules, isolate=True,
                                       warn=lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]

@@ -477,6 +477,27 @@ def check_input_shapes(model, shapes: dict[str, list[int]]) -> None:
                 raise InputError(f"--input-shape {name}: dim {i} is {g}, but the model fixes it at {d} {shown}")
 
 
+def fix_input_shapes(model, shapes: dict[str, list[int]]):
+    """The model with the named inputs' dims fixed to `shapes` (validated by check_input_shapes first), as
+    onnxsim's --overwrite-input-shape does: the output keeps them, and shape inference can use them."""
+    if not shapes:
+        return model
+    if isinstance(model, onnx.ModelProto):
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)  # the caller's model is never modified
+        for v in fixed.graph.input:
+            if v.name in shapes:
+                shape = v.type.tensor_type.shape
+                del shape.dim[:]
+                for d in shapes[v.name]:
+                    shape.dim.add().dim_value = d
+        return fixed
+    for v in model.graph.inputs:  # a large model, loaded lazily: edited in place (it was loaded for this run)
+        if v.name in shapes:
+            v.shape = ir.Shape(shapes[v.name])
+    return model
+
+
 def _concrete_shape(shape, given: list[int] | None) -> list[int]:
     """Sensible sizes for dynamic dims: batch 2, spatial dims of an image 224, anything else 16."""
     if given is not None:

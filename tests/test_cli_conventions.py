@@ -135,3 +135,30 @@ def test_report_has_an_onnxsim_row(tmp_path):
     assert main(["optimize", str(src), str(out), "--report", str(report), "--no-simplify", "-q"]) == 0
     assert not json.loads(report.read_text())["rules"][0]["enabled"]
     same_outputs(src, out)
+
+
+def input_dims(path):
+    return [[d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in onnx.load(str(path)).graph.input]
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_input_shape_is_fixed_in_the_output(check, tmp_path):
+    src, out = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    assert main(["optimize", str(src), str(out), "--input-shape", "x:3,3,8,8", "-q"] + ["--check"] * check) == 0
+    assert input_dims(out) == [[3, 3, 8, 8]] and input_dims(src) == [["n", 3, 8, 8]]
+    same_outputs(src, out, batch=3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("x:1,3,8", "gives 3 dims; the input has rank 4"),
+    ("x:1,4,8,8", "dim 1 is 4, but the model fixes it at 3"),
+    ("y:1,3,8,8", "names unknown inputs: y"),
+    ("x:1,-3,8,8", "expected NAME:D1,D2,... with positive sizes"),
+])
+def test_input_shape_is_validated_in_one_line(spec, message, tmp_path, capsys):
+    src, out = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    assert main(["optimize", str(src), str(out), "--input-shape", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()

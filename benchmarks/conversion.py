@@ -6,7 +6,7 @@ deploy   Zoo networks (training form, random weights, eval) and timm models, inp
          (timm: the corpus size and arguments): repfuse.deploy(model, x) against torch.export.export
          static and with Dim.AUTO on every dim (deploy's default), and timm's reparameterize_model.
          One warm-up call, then the median of --repeats, under torch.no_grad() as inside deploy.
-         capture: repfuse.backends.pytorch._capture alone (on a copy, as deploy); fuse = the rest.
+         capture: the capture deploy used (symbolic_trace, its fast path, or torch.export).
 onnx     The training form exported once (dynamo=False, opset 17, batch/height/width dynamic), then
          each tool on that file in a fresh process, since start-up and imports are part of the wait:
          `repfuse optimize IN -o OUT -q`, `python -m onnxsim IN OUT` (its CLI, which also prints a
@@ -120,12 +120,10 @@ def table(title: str, header: list[str], rows: list[list], left: int = 2) -> Non
 
 def deploy_row(label: str, model, x: torch.Tensor, repeats: int, convert=None) -> dict:
     import repfuse
-    from repfuse.backends import pytorch as rp
 
     auto = {d: torch.export.Dim.AUTO for d in range(x.dim())}
     calls = {  # inputs are cloned: a failed dynamic capture leaves marks on the tensors it was given
         "deploy": lambda: repfuse.deploy(model, x),
-        "capture": lambda: rp._capture(copy.deepcopy(model).eval(), (x.clone(),)),
         "export_static": lambda: torch.export.export(model, (x.clone(),)),
         "export_dynamic": lambda: torch.export.export(model, (x.clone(),), dynamic_shapes=(auto,)),
     }
@@ -140,8 +138,12 @@ def deploy_row(label: str, model, x: torch.Tensor, repeats: int, convert=None) -
         except Exception as e:
             row[f"{key}_s"], row["errors"][key] = None, describe(e)
             log(traceback.format_exc())
-    d, capture = row["deploy_s"], row["capture_s"]
-    row["fuse_s"] = d - capture if d is not None and capture is not None else None
+    d = row["deploy_s"]
+    if d is not None:
+        with quiet():
+            gm = repfuse.deploy(model, x)
+        aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)  # export's dialect
+        row["capture"] = "torch.export" if aten else "symbolic_trace"
     for key in ("export_static", "export_dynamic", "timm"):
         row[f"deploy_over_{key}"] = ratio(d, row.get(f"{key}_s"))
     return row
@@ -176,17 +178,18 @@ def section_deploy(args, work: Path, problems: list[str]) -> list[dict]:
             continue
         rows.append(deploy_row(label, model, x, args.repeats, convert))
     problems += [f"deploy {r['model']}: {', '.join(r['errors'])}" for r in rows
-                 if {"deploy", "capture", "build"} & set(r["errors"])]
+                 if {"deploy", "build"} & set(r["errors"])]
     return rows
 
 
 def print_deploy(rows: list[dict], args) -> None:
-    keys = ["deploy_s", "capture_s", "fuse_s", "export_static_s", "export_dynamic_s", "timm_s",
+    keys = ["deploy_s", "export_static_s", "export_dynamic_s", "timm_s",
             "deploy_over_export_static", "deploy_over_export_dynamic", "deploy_over_timm"]
     table(f"deploy: seconds (median of {args.repeats} after a warm-up call)",
-          ["model", "input", "deploy", "capture", "fuse", "export static", "export dynamic", "timm convert",
+          ["model", "input", "capture", "deploy", "export static", "export dynamic", "timm convert",
            "deploy / static", "deploy / dynamic", "deploy / timm"],
-          [[r["model"], "x".join(map(str, r.get("input", [])))] + [fmt(r.get(k), ".2f") for k in keys] for r in rows])
+          [[r["model"], "x".join(map(str, r.get("input", []))), r.get("capture", "-")] + [fmt(r.get(k), ".2f") for k in keys]
+           for r in rows])
     for r in rows:
         for key, error in r["errors"].items():
             print(f"note: {r['model']} {key} failed: {error}")

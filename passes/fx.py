@@ -8,6 +8,7 @@ is one entry in a table.
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import Any
 
 import numpy as np
@@ -186,7 +187,7 @@ class FxView:
             if all(self._const.get(n) is not None for n in node.all_input_nodes):
                 value = self._evaluate(node)
         if isinstance(value, torch.Tensor):
-            return value.detach()
+            return _detached(value)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def _evaluate(self, node: fx.Node):
@@ -559,8 +560,51 @@ def _channel_values(t: torch.Tensor, channels: int, rank: int) -> np.ndarray | N
 
 # ---------------------------------------------------------------- helpers
 
+class _PerTensor:
+    """A cache keyed by tensor identity whose entries go when the tensor does.  (WeakKeyDictionary compares
+    keys with ==, which a tensor answers elementwise.)"""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def get(self, t: torch.Tensor):
+        entry = self._entries.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def put(self, t: torch.Tensor, value) -> None:
+        if id(t) not in self._entries:
+            weakref.finalize(t, self._entries.pop, id(t), None)
+        self._entries[id(t)] = (weakref.ref(t), value)
+
+
+_AS_NUMPY = _PerTensor()  # tensor -> (version, float64 array)
+_DETACHED = _PerTensor()  # tensor -> its detached alias
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """One detached alias per tensor (it shares the version counter), so `_np`'s cache sees the same key
+    every rule round."""
+    if not t.requires_grad:
+        return t
+    alias = _DETACHED.get(t)
+    if alias is None:
+        alias = t.detach()
+        _DETACHED.put(t, alias)
+    return alias
+
+
 def _np(t) -> np.ndarray:
-    return torch.as_tensor(t).detach().to("cpu", torch.float64).numpy()
+    """A constant as float64 numpy, converted once per tensor and version: every rule round reads every
+    weight, and converting ResNet-18's 11M parameters each time was most of its fuse."""
+    if not isinstance(t, torch.Tensor):
+        return torch.as_tensor(t).to(torch.float64).numpy()
+    cached = _AS_NUMPY.get(t)
+    if cached is not None and cached[0] == t._version:
+        return cached[1]
+    array = t.detach().to("cpu", torch.float64).numpy()
+    array.flags.writeable = False  # shared between reads: the algebra never edits its inputs in place
+    _AS_NUMPY.put(t, (t._version, array))
+    return array
 
 
 def static_size(d) -> int | None:

@@ -232,7 +232,7 @@ def _optimize(args) -> int:
             print(f"repfuse: warning: {message}", file=sys.stderr)
 
     progress.stage(f"loading {source}")
-    model = pipeline.load(source)
+    model = pipeline.load(source, warn)
     pipeline.check_input_shapes(model, shapes)  # before any work: a wrong shape is the user's mistake
     model = pipeline.fix_input_shapes(model, shapes)
     in_bytes = source.stat().st_size + _data_bytes(source)
@@ -301,7 +301,7 @@ def _compile(args) -> int:
         raise pipeline.InputError(f"{target}: OUT is IN; refusing to overwrite the input")
     shapes = pipeline.parse_input_shapes(args.input_shape)
     pipeline.check_writable(target)
-    model = pipeline.load(source)
+    model = pipeline.load(source, lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
     pipeline.check_input_shapes(model, shapes)
     model = pipeline.fix_input_shapes(model, shapes)
     model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, rules=args.rules, isolate=True,

@@ -28,7 +28,7 @@ from ..patterns.report import FusionReport
 from ..patterns import rules as R
 
 __all__ = ["InputError", "CheckSkipped", "load", "optimize", "optimize_onnx", "save", "staged", "compare_outputs",
-           "MIN_OPSET"]
+           "MIN_OPSET", "upgrade_opset"]
 
 MIN_OPSET = 11
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -42,9 +42,10 @@ class InputError(Exception):
 Loaded = "onnx.ModelProto | ir.Model"  # a ModelProto when it fits one protobuf, else a lazy onnx_ir Model
 
 
-def load(path: str | os.PathLike):
+def load(path: str | os.PathLike, warn: Callable[[str], None] | None = None):
     """Read a model for `optimize`: a ModelProto (weights in memory) when it fits one protobuf,
-    else an onnx_ir Model whose external weights stay memory-mapped."""
+    else an onnx_ir Model whose external weights stay memory-mapped.  An opset older than MIN_OPSET
+    is converted (`upgrade_opset`; `warn` says so)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -56,8 +57,27 @@ def load(path: str | os.PathLike):
         raise InputError(f"{path}: cannot read it or its external data: {e}") from None
     except Exception as e:  # protobuf reports corrupt files with several exception types
         raise InputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {first_line(e)}") from None
-    check_opset(model, str(path))
-    return model
+    return upgrade_opset(model, str(path), warn)
+
+
+def upgrade_opset(model, name: str = "model", warn: Callable[[str], None] | None = None):
+    """The model at opset MIN_OPSET when it is older (onnx.version_converter, said in a warning), else as is;
+    InputError when the converter cannot, or for an opset newer than this onnx knows."""
+    opset = check_opset(model, name, convertible=True)
+    if opset >= MIN_OPSET:
+        return model
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"{name}: uses opset {opset}; repfuse needs {MIN_OPSET} or newer, and a model this "
+                         "large cannot go through onnx.version_converter in memory")
+    try:
+        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:
+        raise InputError(f"{name}: uses opset {opset}; onnx.version_converter could not convert it to "
+                         f"{MIN_OPSET}: {first_line(e)}") from None
+    (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
+        f"{name}: converted from opset {opset} to {MIN_OPSET} with onnx.version_converter")
+    return converted
 
 
 def node_count(model) -> int:
@@ -69,7 +89,9 @@ def _on_disk_bytes(path: Path) -> int:
     return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.data") if p.is_file())
 
 
-def check_opset(model, name: str = "model") -> int:
+def check_opset(model, name: str = "model", convertible: bool = False) -> int:
+    """The model's default-domain opset; InputError when repfuse cannot take it (older than MIN_OPSET only
+    when not `convertible`)."""
     if isinstance(model, onnx.ModelProto):
         imports = {o.domain: o.version for o in model.opset_import}
     else:
@@ -81,7 +103,7 @@ def check_opset(model, name: str = "model") -> int:
     if opset > newest:
         raise InputError(f"{name}: uses opset {opset}, newer than the newest this onnx {onnx.__version__} "
                          f"supports ({newest}); upgrade onnx")
-    if opset < MIN_OPSET:
+    if opset < MIN_OPSET and not convertible:
         raise InputError(f"{name}: uses opset {opset}; repfuse needs {MIN_OPSET} or newer "
                          f"(convert it with onnx.version_converter.convert_version)")
     return opset
@@ -314,9 +336,9 @@ def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=(),
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load(model_or_path)
     elif isinstance(model_or_path, onnx.ModelProto):
-        model = model_or_path
+        model = upgrade_opset(model_or_path)
     elif isinstance(model_or_path, ir.Model):
-        model = ir.serde.serialize_model(model_or_path)
+        model = upgrade_opset(ir.serde.serialize_model(model_or_path))
     else:
         raise TypeError(f"optimize_onnx takes a path, onnx.ModelProto or onnx_ir.Model, not {type(model_or_path)}")
     model, report = optimize(model, simplify_first=simplify, rules=rules)

@@ -262,13 +262,32 @@ def test_older_opsets(name, opset, tmp_path, capsys):
     assert onnx.load(str(out)).opset_import[0].version == opset
 
 
-def test_opset_older_than_11_is_refused(tmp_path, capsys):
+def test_opset_older_than_11_is_converted(tmp_path, capsys):
     proto = _conv_bn_graph([helper.make_node("Relu", ["bn"], ["y"])], opset=9)
-    proto.graph.node[1].input[:] = ["c", "s", "b", "m", "v"]
-    src = tmp_path / "old.onnx"
+    src, out = tmp_path / "old.onnx", tmp_path / "o.onnx"
     onnx.save(proto, str(src))
-    assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx")]) == 2
-    assert "opset 9" in capsys.readouterr().err
+    assert main(["optimize", str(src), "-o", str(out)]) == 0
+    assert "converted from opset 9 to 11 with onnx.version_converter" in capsys.readouterr().err
+    assert ops(out) == ["Conv", "Relu"]
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(str(out), x), run(str(src), x), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="converted from opset 9"):
+        assert [n.op_type for n in repfuse.optimize_onnx(proto).graph.node] == ["Conv", "Relu"]
+
+
+def test_opset_the_converter_cannot_take_is_refused_in_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)  # a GRU at opset 3: the converter has no adapter for it
+    weights = [numpy_helper.from_array(rng.standard_normal((1, 12, 4)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((1, 12, 4)).astype(np.float32), "r")]
+    graph = helper.make_graph([helper.make_node("GRU", ["x", "w", "r"], ["y"], hidden_size=4)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)
+    src, out = tmp_path / "old.onnx", tmp_path / "o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 3)], ir_version=7), str(src))
+    assert main(["optimize", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "uses opset 3; onnx.version_converter could not convert it to 11" in err[0], err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("auto_pad,stride", [("SAME_UPPER", 1), ("SAME_LOWER", 1), ("SAME_UPPER", 2), ("VALID", 1)])

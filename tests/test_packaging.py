@@ -17,6 +17,8 @@ def test_wheel_contents_and_import(tmp_path):
     for module in ("repfuse/__init__.py", "repfuse/patterns/affine.py", "repfuse/patterns/planner.py",
                    "repfuse/passes/fx.py", "repfuse/backends/pytorch.py"):
         assert module in names, module
+    licenses = [n for n in names if n.endswith("LICENSE")]  # the file pyproject's license names
+    assert licenses and "Apache License" in zipfile.ZipFile(wheel).read(licenses[0]).decode()[:200]
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[torch_dynamo_backends]" in entry_points and "repfuse = repfuse.backends.pytorch:repfuse_backend" in entry_points
 

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--in-place", action="store_true", help="overwrite IN (only with this flag)")
     opt.add_argument("--check", action="store_true",
                      help="run IN and OUT in onnxruntime on random inputs; exit 1 if outputs differ")
+    opt.add_argument("--check-runs", type=int, default=1, metavar="N",
+                     help="--check on N sets of random inputs (default 1)")
+    opt.add_argument("--check-input", action="append", default=[], metavar="NAME=FILE.npy",
+                     help="--check feeds this array to input NAME (repeatable); the other inputs are random")
+    opt.add_argument("--rtol", type=float, default=None,
+                     help="--check tolerance relative to the largest |output| (default 1e-4; 1e-2 for float16)")
+    opt.add_argument("--atol", type=float, default=0.0, help="--check absolute tolerance added to it (default 0)")
     opt.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                      help="fix an input's dims in OUT, and run --check at them (repeatable; NAME: for a scalar); "
                           "without it, --check gives dynamic dims batch 2, image 224")
@@ -219,6 +226,11 @@ def _optimize(args) -> int:
         if target.exists() and target.resolve() == source.resolve():
             raise pipeline.InputError(f"{target}: OUT is IN; refusing to overwrite the input (use --in-place)")
     shapes = pipeline.parse_input_shapes(args.input_shape)
+    given = pipeline.load_feeds(args.check_input)
+    if args.check_runs < 1 or (args.rtol is not None and args.rtol < 0) or args.atol < 0:
+        raise pipeline.InputError("--check-runs must be 1 or more, --rtol and --atol not negative")
+    if (given or args.check_runs != 1 or args.rtol is not None or args.atol) and not args.check:
+        raise pipeline.InputError("--check-runs, --check-input, --rtol and --atol set up --check: add --check")
     pipeline.check_writable(target)
     if args.report:
         pipeline.check_writable(args.report)
@@ -254,7 +266,8 @@ def _optimize(args) -> int:
         if args.check:
             progress.stage("checking with onnxruntime")
             try:
-                check_rows = pipeline.compare_outputs(str(source), str(stage.path), shapes)
+                check_rows = pipeline.compare_outputs(str(source), str(stage.path), shapes, runs=args.check_runs,
+                                                      rtol=args.rtol, atol=args.atol, given=given)
             except pipeline.CheckSkipped as e:
                 skipped = str(e)
             status = 0 if check_rows is None or all(r["ok"] for r in check_rows) else 1
@@ -265,8 +278,10 @@ def _optimize(args) -> int:
             print(f"check skipped: {skipped}")
         for r in check_rows or []:
             verdict = "ok" if r["ok"] else "DIFFERENT"
+            noise = f", IN's own float noise {r['noise_floor']:.2g}" if r.get("noise_floor") else ""
+            runs = f", {args.check_runs} input sets" if args.check_runs > 1 else ""
             detail = r.get("error") or (f"max |IN - OUT| = {r['max_abs_error']:.3g} "
-                                        f"(tolerance {r['tolerance']:.3g})")
+                                        f"(tolerance {r['tolerance']:.3g}{noise}{runs})")
             print(f"check {r['output']}: {detail} {verdict}")
         if args.report:
             data = report.to_dict()

@@ -162,3 +162,64 @@ def test_input_shape_is_validated_in_one_line(spec, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_check_runs_several_input_sets_and_reports_them(tmp_path, capsys):
+    import json
+
+    src, out, report = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(src), str(out), "--check", "--check-runs", "3", "--report", str(report)]) == 0
+    assert "3 input sets) ok" in capsys.readouterr().out
+    rows = json.loads(report.read_text())["check"]
+    assert [r["output"] for r in rows] == ["y"] and rows[0]["ok"] and rows[0]["max_abs_error"] <= rows[0]["tolerance"]
+    same_outputs(src, out)
+
+
+def test_check_input_from_npy(tmp_path, capsys):
+    src, out = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    x = np.random.default_rng(5).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["optimize", str(src), str(out), "--check", "--check-input", f"x={tmp_path / 'x.npy'}"]) == 0
+    assert "check y:" in capsys.readouterr().out
+    same_outputs(src, out, batch=5)
+    assert main(["optimize", str(src), str(out), "--check", "--check-input", f"z={tmp_path / 'x.npy'}"]) == 2
+    assert "--check-input names unknown inputs: z" in capsys.readouterr().err
+    assert main(["optimize", str(src), str(out), "--check", "--check-input", f"x={tmp_path / 'missing.npy'}"]) == 2
+    assert "--check-input x: cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--check-runs", "2"], "add --check"),
+    (["--check", "--check-runs", "0"], "--check-runs must be 1 or more"),
+    (["--check", "--rtol", "-1"], "not negative"),
+])
+def test_check_options_are_validated(argv, message, tmp_path, capsys):
+    src, out = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    assert main(["optimize", str(src), str(out), *argv]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_input_the_check_cannot_generate_is_a_skip_with_its_reason(tmp_path, capsys):
+    # a string input beside the image: onnxruntime runs it, the check cannot invent strings
+    model = onnx.load(str(conv_bn_relu(tmp_path / "base.onnx")))
+    model.graph.input.append(helper.make_tensor_value_info("tag", TensorProto.STRING, [1]))
+    model.graph.node.append(helper.make_node("Identity", ["tag"], ["tag_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("tag_out", TensorProto.STRING, [1]))
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    assert main(["optimize", str(src), str(out), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "check skipped: input tag has type tensor(string), which the check cannot generate" in text
+    assert "Conv" in op_types(out) and "BatchNormalization" not in op_types(out)
+
+
+def test_tolerance_follows_the_models_own_noise():
+    from repfuse.backends.onnx import compare
+
+    ref, out = [np.array([1.0, -2.0, 1000.0])], [np.array([1.0, -2.0, 1000.5])]
+    assert not compare(["y"], ref, out)[0]["ok"]  # 0.5 > 1e-4 * 1000
+    assert compare(["y"], ref, out, noise=[0.06])[0]["ok"]  # 10x the input model's own spread
+    assert compare(["y"], ref, out, rtol=1e-3)[0]["ok"]
+    assert compare(["y"], ref, out, atol=0.5)[0]["ok"]
+    assert compare(["y"], [np.array([np.nan, 1.0])], [np.array([np.nan, 1.0])])[0]["ok"]  # NaN where IN has NaN
+    assert not compare(["y"], [np.array([0.0, 1.0])], [np.array([np.nan, 1.0])])[0]["ok"]

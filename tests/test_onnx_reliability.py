@@ -464,8 +464,8 @@ def test_failed_check_writes_no_output(tmp_path, capsys, monkeypatch):
     onnx.save(conv_bn(), str(src))
     real = pipeline.compare
 
-    def wrong(names, ref, cand):  # as if the optimized model were wrong
-        return real(names, ref, [c + 1 for c in cand])
+    def wrong(names, ref, cand, *tolerances):  # as if the optimized model were wrong
+        return real(names, ref, [c + 1 for c in cand], *tolerances)
 
     monkeypatch.setattr(pipeline, "compare", wrong)
     code, stdout, err = _cli(["optimize", str(src), "-o", str(out), "--check"], capsys)

@@ -284,9 +284,8 @@ def _optimize(args) -> int:
                                         f"(tolerance {r['tolerance']:.3g}{noise}{runs})")
             print(f"check {r['output']}: {detail} {verdict}")
         if args.report:
-            data = report.to_dict()
-            data.update(input=str(source), output=str(target) if status == 0 else None, check=check_rows,
-                        check_skipped=skipped, warnings=warnings)
+            data = pipeline.report_json(report, str(source), str(target) if status == 0 else None, check_rows,
+                                        skipped, warnings)
             tmp = Path(args.report).with_name(Path(args.report).name + ".tmp")
             tmp.write_text(json.dumps(data, indent=2))
             os.replace(tmp, args.report)

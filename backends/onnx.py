@@ -27,7 +27,7 @@ from ..passes import onnx_write
 from ..patterns.report import FusionReport
 from ..patterns import rules as R
 
-__all__ = ["InputError", "CheckSkipped", "load", "optimize", "optimize_onnx", "save", "staged", "compare_outputs",
+__all__ = ["InputError", "CheckSkipped", "CheckFailed", "report_json", "load", "optimize", "optimize_onnx", "save", "staged", "compare_outputs",
            "MIN_OPSET", "upgrade_opset"]
 
 MIN_OPSET = 11
@@ -311,6 +311,8 @@ def optimize(model, *, simplify_first: bool = True, warn: Callable[[str], None] 
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
     after = onnxpass.graph_stats(model)
+    for key in [k for k in model.metadata_props if k.startswith("onnxsim")]:
+        del model.metadata_props[key]  # what an earlier onnxsim run said about the input, not about this model
     report = FusionReport.of(before, after, run)
     report.rules.insert(0, onnxsim_row)  # it runs first
     return model, report
@@ -323,30 +325,84 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=(),
-                  explain: bool = False) -> onnx.ModelProto:
-    """Optimize an ONNX model (ModelProto, onnx_ir Model or path); returns a new ModelProto.
+class CheckFailed(ValueError):
+    """optimize_onnx(check=True): the optimized model's outputs differ from the input's.  `.report` has the
+    rows (the same JSON report as the CLI's --report)."""
 
-    `disable` / `enable`: rule names (repfuse.patterns.rules.RULES) to switch off or on; an
-    unknown name raises InputError.  `explain=True` logs the report with every op left alone,
-    by rule and reason (logger "repfuse").  The input is never modified.  Models over 2 GB cannot
-    be returned as one ModelProto: use the CLI or `optimize` + `save` for those.
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def report_json(report: FusionReport, source: str | None, output: str | None, check_rows=None,
+                check_skipped: str | None = None, warned: list[str] | None = None) -> dict:
+    """The JSON report, the same from the CLI (--report) and from optimize_onnx(report=True)."""
+    data = report.to_dict()
+    data.update(input=source, output=output, check=check_rows, check_skipped=check_skipped, warnings=warned or [])
+    return data
+
+
+def optimize_onnx(model_or_path, simplify: bool = True, disable=(), enable=(), explain: bool = False,
+                  check: bool = False, report: bool = False, input_shapes: dict[str, list[int]] | None = None,
+                  check_runs: int = 1, rtol: float | None = None, atol: float = 0.0):
+    """Optimize an ONNX model (ModelProto, onnx_ir Model or path); returns a new ModelProto, or
+    (ModelProto, report dict) with `report=True` (the CLI's --report JSON).
+
+    `disable` / `enable`: rule names (repfuse.patterns.rules.RULES) to switch off or on, a list or one
+    name; an unknown name raises InputError.  `input_shapes` ({"x": [1, 3, 224, 224]}) fixes those
+    inputs' dims in the result.  `check=True` runs the input and the result in onnxruntime on
+    `check_runs` sets of random inputs, as `repfuse optimize --check` does, and raises CheckFailed
+    when they differ.  `explain=True` logs the report with every op left alone, by rule and reason
+    (logger "repfuse").  The input is never modified.  Models over 2 GB cannot be returned as one
+    ModelProto: use the CLI or `optimize` + `save` for those.
     """
     rules = rule_set(disable, enable)
-    if isinstance(model_or_path, (str, os.PathLike)):
-        model = load(model_or_path)
+    warned: list[str] = []
+
+    def warn(message: str) -> None:
+        warned.append(message)
+        warnings.warn(message, stacklevel=3)
+
+    source = str(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+    if source is not None:
+        model = load(model_or_path, warn)
     elif isinstance(model_or_path, onnx.ModelProto):
-        model = upgrade_opset(model_or_path)
+        model = upgrade_opset(model_or_path, warn=warn)
     elif isinstance(model_or_path, ir.Model):
-        model = upgrade_opset(ir.serde.serialize_model(model_or_path))
+        model = upgrade_opset(ir.serde.serialize_model(model_or_path), warn=warn)
     else:
         raise TypeError(f"optimize_onnx takes a path, onnx.ModelProto or onnx_ir.Model, not {type(model_or_path)}")
-    model, report = optimize(model, simplify_first=simplify, rules=rules)
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    check_input_shapes(model, shapes)
+    original = model
+    model, fusion = optimize(fix_input_shapes(model, shapes), simplify_first=simplify, rules=rules, warn=warn)
     if explain:
-        logging.getLogger("repfuse").warning("repfuse.optimize_onnx:\n%s", report.table(explain=True))
+        logging.getLogger("repfuse").warning("repfuse.optimize_onnx:\n%s", fusion.table(explain=True))
     proto = to_proto(model)
-    proto.metadata_props.add(key="repfuse.regions_fused", value=str(len(report.regions)))
-    return proto
+    proto.metadata_props.add(key="repfuse.regions_fused", value=str(len(fusion.regions)))
+    rows = skipped = None
+    if check:
+        rows, skipped = _check_in_memory(source, original, proto, shapes, check_runs, rtol, atol)
+    data = report_json(fusion, source, None, rows, skipped, warned)
+    if rows is not None and not all(r["ok"] for r in rows):
+        bad = ", ".join(f"{r['output']} ({r['max_abs_error']:.3g} > {r['tolerance']:.3g})" for r in rows if not r["ok"])
+        raise CheckFailed(f"optimize_onnx: the optimized model's outputs differ: {bad}", data)
+    return (proto, data) if report else proto
+
+
+def _check_in_memory(source, original, optimized: onnx.ModelProto, shapes, runs, rtol, atol):
+    """compare_outputs on models in memory (written to a temporary folder for onnxruntime); (rows, skip reason)."""
+    with tempfile.TemporaryDirectory(prefix="repfuse-check-") as tmp:
+        if source is None:
+            source = os.path.join(tmp, "input.onnx")
+            onnx.save(original if isinstance(original, onnx.ModelProto) else ir.serde.serialize_model(original),
+                      source)
+        candidate = os.path.join(tmp, "optimized.onnx")
+        onnx.save(optimized, candidate)
+        try:
+            return compare_outputs(source, candidate, shapes, runs=runs, rtol=rtol, atol=atol), None
+        except CheckSkipped as e:
+            return None, str(e)
 
 
 def check_writable(out: str | os.PathLike) -> None:

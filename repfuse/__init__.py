@@ -3,7 +3,7 @@
 Entry points (each imports its framework only when used):
   repfuse.deploy(model, example_inputs)        PyTorch -> fused torch.fx.GraphModule
   torch.compile(model, backend="repfuse")      registered through an entry point
-  repfuse.optimize_onnx(model_or_path)          ONNX -> optimized onnx.ModelProto
+  repfuse.optimize_onnx(model_or_path)          ONNX -> optimized onnx.ModelProto (report=True, check=True)
   repfuse optimize IN.onnx -o OUT.onnx          the command line (python -m repfuse)
 """
 
@@ -13,11 +13,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["deploy", "TraceError", "ShapeGuardError", "optimize_onnx", "__version__"]
+__all__ = ["deploy", "TraceError", "ShapeGuardError", "optimize_onnx", "CheckFailed", "__version__"]
 
 
 _LAZY = {"deploy": ("pytorch", "torch"), "TraceError": ("pytorch", "torch"), "ShapeGuardError": ("pytorch", "torch"),
-         "optimize_onnx": ("onnx", "onnx")}  # name -> (backend module, the extra that installs its framework)
+         "optimize_onnx": ("onnx", "onnx"), "CheckFailed": ("onnx", "onnx")}  # name -> (backend module, the extra that installs its framework)
 
 
 def __getattr__(name: str):

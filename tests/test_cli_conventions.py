@@ -223,3 +223,40 @@ def test_tolerance_follows_the_models_own_noise():
     assert compare(["y"], ref, out, atol=0.5)[0]["ok"]
     assert compare(["y"], [np.array([np.nan, 1.0])], [np.array([np.nan, 1.0])])[0]["ok"]  # NaN where IN has NaN
     assert not compare(["y"], [np.array([0.0, 1.0])], [np.array([np.nan, 1.0])])[0]["ok"]
+
+
+def test_python_api_gives_the_cli_report_and_check(tmp_path):
+    import json
+
+    src, out, report = conv_bn_relu(tmp_path / "in.onnx"), tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(src), str(out), "--check", "--report", str(report), "-q"]) == 0
+    from_cli = json.loads(report.read_text())
+    proto, from_api = repfuse.optimize_onnx(str(src), check=True, report=True)
+    assert set(from_api) == set(from_cli)  # one schema
+    assert [r["name"] for r in from_api["rules"]] == [r["name"] for r in from_cli["rules"]]
+    assert from_api["check"][0]["ok"] and from_api["after"]["convs"] == from_cli["after"]["convs"] == 1
+    onnx.save(proto, str(tmp_path / "api.onnx"))
+    same_outputs(src, tmp_path / "api.onnx")
+    # a ModelProto, fixed dims, one rule name as a string
+    proto, data = repfuse.optimize_onnx(onnx.load(str(src)), report=True, input_shapes={"x": [4, 3, 8, 8]},
+                                        disable="affine", check=True)
+    assert data["rules"][2] == {"name": "affine", "enabled": False, "applied": 0, "detail": ""}
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 8, 8]
+
+
+def test_python_api_check_failure_raises_with_the_report(tmp_path, monkeypatch):
+    from repfuse.backends import onnx as pipeline
+
+    real = pipeline.compare
+    monkeypatch.setattr(pipeline, "compare", lambda n, r, c, *t: real(n, r, [x + 1 for x in c], *t))
+    with pytest.raises(repfuse.CheckFailed, match="outputs differ: y") as failed:
+        repfuse.optimize_onnx(str(conv_bn_relu(tmp_path / "in.onnx")), check=True)
+    assert failed.value.report["check"][0]["ok"] is False
+
+
+def test_stale_onnxsim_metadata_is_not_copied(tmp_path):
+    model = onnx.load(str(conv_bn_relu(tmp_path / "in.onnx")))
+    model.metadata_props.add(key="onnxsim.version", value="0.4.0")
+    model.metadata_props.add(key="author", value="me")
+    keys = {p.key for p in repfuse.optimize_onnx(model).metadata_props}
+    assert "onnxsim.version" not in keys and "author" in keys

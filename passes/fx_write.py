@@ -53,7 +53,10 @@ def to_tensor(array: np.ndarray, like: torch.Tensor | None) -> torch.Tensor:
     """A float64 numpy array as a torch tensor in the model's dtype and device."""
     dtype = like.dtype if like is not None and like.dtype.is_floating_point else torch.float32
     device = like.device if like is not None else "cpu"
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # a cached read of a weight, passed through unchanged
+        array = array.copy()
+    return torch.from_numpy(array).to(device=device, dtype=dtype)
 
 
 class FxEmitter:

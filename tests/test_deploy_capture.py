@@ -218,3 +218,26 @@ def test_outputs_with_nan_still_take_the_fast_capture(exports):
     with torch.no_grad():
         assert torch.allclose(gm(x), wrapped(x), rtol=1e-4, atol=1e-5, equal_nan=True)
     assert counts(gm) == (1, 0)
+
+
+def test_indexed_tracer_records_what_symbolic_trace_records():
+    from torch import fx
+
+    from repfuse.backends.trace import _Tracer
+
+    class Shared(nn.Module):  # a weight read twice, by two names, and a buffer read in forward
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 3, padding=1)
+            self.b = self.a
+            self.w = nn.Parameter(torch.randn(3, 1, 1))
+            self.register_buffer("shift", torch.randn(3, 1, 1))
+
+        def forward(self, x):
+            return self.b(self.a(x)) * self.w + self.shift + torch.nn.functional.conv2d(x, self.a.weight, padding=1)
+
+    model = Shared().eval()
+    ours = fx.GraphModule(model, _Tracer().trace(model))
+    assert ours.code == fx.symbolic_trace(model).code
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(ours(x), model(x))

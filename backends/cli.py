@@ -36,29 +36,42 @@ exit codes: 0 done, 1 --check found different outputs (OUT is not written),
 
 
 class Progress:
-    """Stage lines on stderr; a bar for the region rewrites of large models."""
+    """Stage lines on stderr, and a tqdm bar for the region rewrites of large models: the bar only on a
+    terminal (a log file gets a line per tenth instead)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
         self._last = -1
+        self._bar = None
 
     def stage(self, text: str) -> None:
+        self._close()
         if self.enabled:
             print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     def __call__(self, what: str, done: int, total: int) -> None:
         if not self.enabled or total < 20:
             return
-        tenth = done * 10 // total
         if self.tty:
-            bar = "#" * (done * 30 // total)
-            end = "\n" if done == total else ""
-            print(f"\r  {what} [{bar:<30}] {done}/{total}", end=end, file=sys.stderr, flush=True)
-        elif tenth != self._last:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=f"  {what}", unit="region", file=sys.stderr, leave=False)
+            self._bar.update(done - self._bar.n)
+            if done >= total:
+                self._close()
+            return
+        tenth = done * 10 // total
+        if tenth != self._last:
             print(f"  {what}: {done}/{total}", file=sys.stderr, flush=True)
         self._last = tenth
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 _placed: list[Path] = []  # files this command has put in place (for the Ctrl-C message)

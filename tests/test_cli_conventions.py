@@ -260,3 +260,20 @@ def test_stale_onnxsim_metadata_is_not_copied(tmp_path):
     model.metadata_props.add(key="author", value="me")
     keys = {p.key for p in repfuse.optimize_onnx(model).metadata_props}
     assert "onnxsim.version" not in keys and "author" in keys
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(tty, capsys):
+    from repfuse.backends.cli import Progress
+
+    progress = Progress(enabled=True)
+    progress.tty = tty
+    for done in range(1, 41):
+        progress("fusing", done, 40)
+    progress.stage("writing out.onnx")
+    err = capsys.readouterr().err
+    if tty:  # tqdm's bar: redrawn in place, cleared when done
+        assert "\r" in err and "fusing" in err and "region" in err
+    else:  # one line per tenth, nothing redrawn
+        assert "\r" not in err and err.count("fusing: ") == 11 and "fusing: 40/40" in err  # tenths 0..10
+    assert "writing out.onnx" in err

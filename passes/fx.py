@@ -8,6 +8,7 @@ is one entry in a table.
 from __future__ import annotations
 
 import operator
+import re
 import weakref
 from typing import Any
 
@@ -125,7 +126,11 @@ class FxView:
         return node.op in ("call_function", "call_method") and isinstance(self._const.get(node), torch.Tensor)
 
     def label(self, node) -> str:
-        return str(node)
+        """The node as users know it: its module's path when the node's own name does not say it
+        (export names an add in stages.1.0 `add_3`: "stages.1.0/add_3")."""
+        path = module_path(node)
+        flat = re.sub(r"[^0-9A-Za-z]+", "_", path or "").strip("_")
+        return node.name if not path or node.name.lstrip("_").startswith(flat) else f"{path}/{node.name}"
 
     def kind(self, node) -> str:
         return op_kind(node, self.gm)
@@ -605,6 +610,16 @@ def _np(t) -> np.ndarray:
     array.flags.writeable = False  # shared between reads: the algebra never edits its inputs in place
     _AS_NUMPY.put(t, (t._version, array))
     return array
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the module a node was traced in ("stages.1.0"), from the graph's module stack
+    (dynamo's `L['self']` prefix dropped); "" at the top level or when the graph kept no stack."""
+    stack = node.meta.get("nn_module_stack") if isinstance(node, fx.Node) else None
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    return re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", path)
 
 
 def static_size(d) -> int | None:

@@ -20,7 +20,7 @@ from torch import fx
 from ..patterns import plan as P
 from ..patterns.rules import Run, enabled, run
 from ..patterns.affine import AffineConv, ConvTranspose
-from .fx import SHAPE_META, FxView, example_size, is_pure, node_shape, same_shape, static_size
+from .fx import SHAPE_META, FxView, example_size, is_pure, module_path, node_shape, same_shape, static_size
 
 __all__ = ["run_rules", "FxAdapter"]
 
@@ -40,12 +40,9 @@ def example_like(node) -> torch.Tensor | None:
 
 
 def module_scope(node: fx.Node) -> str:
-    """The path of the module a node was traced in, as an identifier ("stages.1.0" -> "stages_1_0"); dynamo's
-    `L['self']` prefix dropped; the node's own name when the graph kept no module stack."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = str(list(stack.values())[-1][0]) if stack else node.name
-    path = re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", path)
-    name = re.sub(r"[^0-9A-Za-z]+", "_", path).strip("_") or node.name
+    """The module path a node was traced in, as an identifier ("stages.1.0" -> "stages_1_0"); the node's own
+    name when the graph kept no module stack."""
+    name = re.sub(r"[^0-9A-Za-z]+", "_", module_path(node) or node.name).strip("_") or node.name
     return name if name[0].isalpha() else f"layer_{name}"
 
 

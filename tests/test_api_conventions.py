@@ -85,3 +85,16 @@ def test_rule_names_may_be_one_string():
 
 def test_dir_shows_the_public_api():
     assert {"deploy", "optimize_onnx", "ShapeGuardError", "TraceError", "__version__"} <= set(dir(repfuse))
+
+
+@pytest.mark.parametrize("capture", ["fast", "export"])
+def test_report_regions_name_module_paths(capture, monkeypatch):
+    if capture == "export":
+        from repfuse.backends import pytorch as backend
+
+        monkeypatch.setattr(backend, "trace", lambda *args: None)
+    model = net()
+    report = repfuse.deploy(model, (torch.randn(2, 3, 8, 8),)).meta["repfuse_report"]
+    roots = [r.root for r in report.regions]
+    assert len(roots) == 2 and roots[0].startswith("0/") and roots[1].startswith("1/"), roots
+    assert all("L__self" not in r and "L['" not in r for r in roots)

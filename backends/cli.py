@@ -318,22 +318,27 @@ def _compile(args) -> int:
     except ImportError as e:
         print(f"repfuse: error: the ONNX path needs {e.name}: pip install 'repfuse[onnx]'", file=sys.stderr)
         return 2
-    try:
-        from . import tvm as tvm_backend
-    except ImportError as e:
-        print(f"repfuse: error: {e}", file=sys.stderr)
-        return 2
     source, target = Path(args.input), Path(args.output)
     if target.exists() and target.resolve() == source.resolve():
         raise pipeline.InputError(f"{target}: OUT is IN; refusing to overwrite the input")
     shapes = pipeline.parse_input_shapes(args.input_shape)
     pipeline.check_writable(target)
+    progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+    progress.stage(f"loading {source}")
     model = pipeline.load(source, lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
-    pipeline.check_input_shapes(model, shapes)
+    pipeline.check_input_shapes(model, shapes)  # the input is checked before TVM (seconds to import) is loaded
     model = pipeline.fix_input_shapes(model, shapes)
+    progress.stage("importing TVM")
+    try:
+        from . import tvm as tvm_backend
+    except ImportError as e:
+        print(f"repfuse: error: {e}", file=sys.stderr)
+        return 2
+    progress.stage("optimizing")
     model, report = pipeline.optimize(model, simplify_first=not args.no_simplify, rules=args.rules, isolate=True,
                                       warn=lambda m: print(f"repfuse: warning: {m}", file=sys.stderr))
     input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    progress.stage(f"building for {args.target} with TVM")
     try:
         tvm_backend.compile_onnx(pipeline.to_proto(model), target, args.target)
     except Exception as e:
@@ -344,6 +349,7 @@ def _compile(args) -> int:
         print(report.table(explain=args.explain, verbose=args.verbose))
     status = 0
     if args.check:
+        progress.stage("checking: onnxruntime on IN, the TVM library on OUT")
         feeds = pipeline.random_feeds(str(source), shapes)
         names, reference = pipeline.run_onnxruntime(str(source), feeds)
         rows = pipeline.compare(names, reference, tvm_backend.run_library(target, feeds, input_names))

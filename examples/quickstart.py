@@ -125,13 +125,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         onnx_in, onnx_out = Path(tmp) / "train.onnx", Path(tmp) / "deploy.onnx"
         if importlib.util.find_spec("onnx_ir") and importlib.util.find_spec("onnxruntime"):
-            step("ONNX: torch.onnx.export, then `repfuse optimize --check`")
+            step("ONNX: torch.onnx.export, then `repfuse optimize IN OUT --check`")
             from repfuse.backends.cli import main as cli
 
             with torch.no_grad():
                 torch.onnx.export(model, (x,), str(onnx_in), dynamo=False, input_names=["x"],
                                   dynamic_axes={"x": {0: "N"}})
-            status = cli(["optimize", str(onnx_in), "-o", str(onnx_out), "--check"])
+            status = cli(["optimize", str(onnx_in), str(onnx_out), "--check"])
             print(f"repfuse optimize exit code {status}")
         else:
             step("ONNX: skipped (pip install 'repfuse[onnx]')")

@@ -363,11 +363,29 @@ def _compile(args) -> int:
 
 
 def _data_bytes(model_path: Path) -> int:
-    """Bytes of the external data files the model refers to (best effort)."""
-    total = 0
-    for p in model_path.parent.glob(model_path.stem + "*.data"):
-        total += p.stat().st_size
-    return total
+    """Bytes of the external data files the model's tensors name (each file once), not whatever .data
+    files happen to sit beside it."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return 0
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    files = set()
+    for tensor in tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                files.add(model_path.parent / location)
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class FusionReport:
         op left alone by rule and reason."""
         verbose = verbose or explain
         b, a = self.before, self.after
-        rows = [("ops", b.total_ops, a.total_ops), ("convs", b.convs, a.convs),
+        rows = [("ops", b.total_ops, a.total_ops), ("conv + linear ops", b.convs, a.convs),
                 ("MACs / sample", b.macs, a.macs), ("parameters", b.params, a.params)]
         if self.file_bytes:
             rows.append(("file bytes", *self.file_bytes))

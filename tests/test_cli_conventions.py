@@ -277,3 +277,18 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(tty, capsys):
     else:  # one line per tenth, nothing redrawn
         assert "\r" not in err and err.count("fusing: ") == 11 and "fusing: 40/40" in err  # tenths 0..10
     assert "writing out.onnx" in err
+
+
+def test_input_size_counts_the_data_files_the_model_uses(tmp_path, capsys):
+    import json
+
+    src = conv_bn_relu(tmp_path / "plain.onnx")
+    model = onnx.load(str(src))
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (tmp_path / "ext_unrelated.data").write_bytes(b"x" * 100_000)  # beside it, but not the model's
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(ext), str(out), "--report", str(report), "-q"]) == 0
+    used = ext.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+    assert json.loads(report.read_text())["file_bytes"][0] == used
+    same_outputs(src, out)

@@ -179,7 +179,7 @@ def test_report_table_is_readable():
     model = B.randomize(B.RepVGGBlock(8, 8))
     gm = repfuse.deploy(model, (torch.randn(2, 8, 9, 9),))
     text = gm.meta["repfuse_report"].table(explain=True)
-    assert "convs" in text and "regions fused: 1" in text
+    assert "conv + linear ops" in text and "regions fused: 1" in text
     d = gm.meta["repfuse_report"].to_dict()
     assert d["before"]["convs"] == 2 and d["after"]["convs"] == 1
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import math
 import warnings
@@ -332,12 +333,17 @@ def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     bakes the fused weights and every parameter into the graph as constants, for inductor to fold: like
     inductor's own freezing, later changes to the parameters are not seen."""
     options = dict(options or {})
-    freezing = bool(options.pop("freezing", _inductor_freezing()))
-    inner = _inner_compiler(options.pop("inner", "inductor"), mode, freezing)
-    explain = bool(options.pop("explain", False))
-    rules = enabled(options.pop("disable", ()), options.pop("enable", ()))
-    if options:
-        raise ValueError(f"repfuse backend: unknown options {sorted(options)} (known: {', '.join(BACKEND_OPTIONS)})")
+    try:
+        freezing = bool(options.pop("freezing", _inductor_freezing()))
+        inner = _inner_compiler(options.pop("inner", "inductor"), mode, freezing)
+        explain = bool(options.pop("explain", False))
+        rules = enabled(options.pop("disable", ()), options.pop("enable", ()))
+        if options:
+            raise ValueError(f"repfuse backend: unknown options {sorted(options)} "
+                             f"(known: {', '.join(BACKEND_OPTIONS)})")
+    except ValueError as e:  # the user's options: their message, without dynamo's frames around it
+        message = str(e) if str(e).startswith("repfuse backend") else f"repfuse backend: {e}"
+        raise _option_error(message, inspect.currentframe()) from None
     reason = _not_inference(gm, example_inputs)
     if reason:
         log.info("repfuse: graph passed through unchanged: %s", reason)
@@ -349,6 +355,22 @@ def repfuse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
         return inner(gm, example_inputs)
     _COMPILED.add(fused)
     return fused
+
+
+def _option_error(message: str, frame) -> Exception:
+    """A ValueError for bad backend options that dynamo re-raises with its own frames cut off (it does so for
+    its ShortenTraceback exceptions): the user sees the message, not 30 lines of torch internals."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:
+        return ValueError(message)
+
+    return _BackendOptionError(ShortenTraceback)(message, first_useful_frame=frame)
+
+
+@functools.lru_cache(maxsize=None)
+def _BackendOptionError(base: type) -> type:  # noqa: N802 - a class, built once
+    return type("BackendOptionError", (base, ValueError), {"__module__": "repfuse", "__doc__": "Bad backend options."})
 
 
 def _inductor_freezing() -> bool:

@@ -203,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repfuse: error: {e}", file=sys.stderr)
         return 2
     _placed.clear()
+    previous = _on_sigterm(_raise_terminated)
     try:
         return _optimize(args) if args.command == "optimize" else _compile(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or `kill` (SIGTERM): the staged output is removed on the way out
         done = ", ".join(str(p) for p in _placed)
-        print("repfuse: interrupted; " + (f"already written: {done}" if done else "nothing written"), file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"repfuse: {what}; " + (f"already written: {done}" if done else "nothing written"), file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except Exception as e:  # InputError is the user's; anything else is ours, but still one line
         from .onnx import InputError
 
@@ -219,6 +221,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repfuse: error: {e} (pip install 'repfuse[onnx]')", file=sys.stderr)
             return 2
         raise
+    finally:
+        _on_sigterm(previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (the staged output, the onnxsim child) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only); returns the one it replaced."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _optimize(args) -> int:

@@ -598,3 +598,30 @@ def test_onnxsim_pad_into_pool_never_breaks_the_model(tmp_path):
     for pool in pools:  # whatever stays a pool keeps pads below its kernel
         attrs = {a.name: list(a.ints) for a in pool.attribute}
         assert all(p < k for p, k in zip(attrs.get("pads", []), attrs["kernel_shape"] * 2))
+
+
+def test_sigterm_during_the_check_leaves_no_output_and_no_staging_folder(tmp_path):
+    """`kill` while the staged OUT waits for --check: exit 143, no OUT, no .repfuse-* folder beside it."""
+    src, out, mark = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "checking"
+    onnx.save(conv_bn(), str(src))
+    script = (f"import pathlib, sys, time\n"
+              f"import repfuse.backends.onnx as pipeline\n"
+              f"def hang(*a, **k):\n    pathlib.Path({str(mark)!r}).touch()\n    time.sleep(60)\n"
+              f"pipeline.compare_outputs = hang\n"
+              f"from repfuse.backends.cli import main\n"
+              f"sys.exit(main(['optimize', {str(src)!r}, {str(out)!r}, '--check']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.perf_counter() + 60
+    while not mark.exists() and time.perf_counter() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert mark.exists(), proc.communicate()[1]
+    assert any(p.name.startswith(".repfuse-") for p in tmp_path.iterdir())  # OUT is staged at this point
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 143, err
+    assert "terminated; nothing written" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["checking", "in.onnx"]

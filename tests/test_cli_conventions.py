@@ -292,3 +292,14 @@ def test_input_size_counts_the_data_files_the_model_uses(tmp_path, capsys):
     used = ext.stat().st_size + (tmp_path / "weights.bin").stat().st_size
     assert json.loads(report.read_text())["file_bytes"][0] == used
     same_outputs(src, out)
+
+
+def test_compile_checks_its_input_before_importing_tvm(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    code = ("import sys\nfrom repfuse.backends.cli import main\n"
+            f"rc = main(['compile', {str(bad)!r}, {str(tmp_path / 'out.so')!r}])\n"
+            "print('exit', rc, 'tvm' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "exit 2 False", done.stdout + done.stderr
+    assert "not a readable ONNX model" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -524,6 +524,24 @@ def test_interrupt_during_check_writes_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
 
 
+def _signal_cli(script: str, mark, sig) -> tuple[int, str, float]:
+    """Run `script` in a fresh interpreter, wait until it touches `mark`, send `sig`: (exit code, stderr,
+    seconds from the signal to the exit)."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.perf_counter() + 60
+    while not mark.exists() and time.perf_counter() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert mark.exists(), proc.communicate()[1]
+    sent = time.perf_counter()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, err, time.perf_counter() - sent
+
+
 def test_sigint_to_the_cli_process(tmp_path):
     """A real SIGINT to the CLI process while onnxsim (made to hang) runs in its child: prompt exit 130."""
     src, out, mark = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "in_onnxsim"
@@ -533,20 +551,8 @@ def test_sigint_to_the_cli_process(tmp_path):
               f"onnxsim.simplify = hang\n"
               f"from repfuse.backends.cli import main\n"
               f"sys.exit(main(['optimize', {str(src)!r}, '-o', {str(out)!r}, '--check']))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    deadline = time.perf_counter() + 60
-    while not mark.exists() and time.perf_counter() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert mark.exists(), proc.communicate()[1]
-    sent = time.perf_counter()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    latency = time.perf_counter() - sent
-    assert proc.returncode == 130, err
+    code, err, latency = _signal_cli(script, mark, signal.SIGINT)
+    assert code == 130, err
     assert "nothing written" in err and "Traceback" not in err
     assert latency < 5.0, latency  # a hang would be 60 s; 1.5 s measured, more on a loaded machine
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in_onnxsim"]
@@ -606,22 +612,13 @@ def test_sigterm_during_the_check_leaves_no_output_and_no_staging_folder(tmp_pat
     onnx.save(conv_bn(), str(src))
     script = (f"import pathlib, sys, time\n"
               f"import repfuse.backends.onnx as pipeline\n"
-              f"def hang(*a, **k):\n    pathlib.Path({str(mark)!r}).touch()\n    time.sleep(60)\n"
+              f"def hang(*a, **k):\n"
+              f"    assert any(p.name.startswith('.repfuse-') for p in pathlib.Path({str(tmp_path)!r}).iterdir())\n"
+              f"    pathlib.Path({str(mark)!r}).touch()\n    time.sleep(60)\n"
               f"pipeline.compare_outputs = hang\n"
               f"from repfuse.backends.cli import main\n"
               f"sys.exit(main(['optimize', {str(src)!r}, {str(out)!r}, '--check']))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    deadline = time.perf_counter() + 60
-    while not mark.exists() and time.perf_counter() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert mark.exists(), proc.communicate()[1]
-    assert any(p.name.startswith(".repfuse-") for p in tmp_path.iterdir())  # OUT is staged at this point
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 143, err
+    code, err, _ = _signal_cli(script, mark, signal.SIGTERM)  # OUT is staged while the check runs
+    assert code == 143, err
     assert "terminated; nothing written" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["checking", "in.onnx"]

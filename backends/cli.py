@@ -74,6 +74,8 @@ class Progress:
             self._bar = None
 
 
+_CHECK_ROWS = 3  # check lines in the compact output before they are summed up in one
+
 _placed: list[Path] = []  # files this command has put in place (for the Ctrl-C message)
 
 
@@ -311,13 +313,20 @@ def _optimize(args) -> int:
             print(f"time: {time.perf_counter() - progress.start:.1f} s")
         if skipped:
             print(f"check skipped: {skipped}")
-        for r in check_rows or []:
+        rows = check_rows or []
+        shown = rows if args.verbose or len(rows) <= _CHECK_ROWS else [r for r in rows if not r["ok"]][:_CHECK_ROWS]
+        for r in shown:
             verdict = "ok" if r["ok"] else "DIFFERENT"
             noise = f", IN's own float noise {r['noise_floor']:.2g}" if r.get("noise_floor") else ""
             runs = f", {args.check_runs} input sets" if args.check_runs > 1 else ""
             detail = r.get("error") or (f"max |IN - OUT| = {r['max_abs_error']:.3g} "
                                         f"(tolerance {r['tolerance']:.3g}{noise}{runs})")
             print(f"check {r['output']}: {detail} {verdict}")
+        if len(shown) < len(rows):  # many outputs: one line for the rest (--verbose lists them all)
+            worst = max(rows, key=lambda r: r["max_abs_error"] / max(r["tolerance"], 1e-300))
+            bad = sum(not r["ok"] for r in rows)
+            print(f"check: {len(rows) - bad} of {len(rows)} outputs ok (closest to its tolerance: {worst['output']}, "
+                  f"{worst['max_abs_error']:.3g} of {worst['tolerance']:.3g}; --verbose lists every output)")
         if args.report:
             data = pipeline.report_json(report, str(source), str(target) if status == 0 else None, check_rows,
                                         skipped, warnings)

@@ -303,3 +303,19 @@ def test_compile_checks_its_input_before_importing_tvm(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "exit 2 False", done.stdout + done.stderr
     assert "not a readable ONNX model" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_check_of_many_outputs_stays_compact(tmp_path, capsys):
+    model = onnx.load(str(conv_bn_relu(tmp_path / "base.onnx")))
+    for i in range(8):  # eight more outputs, each a Relu of a Conv+BN branch
+        model.graph.node.append(helper.make_node("Relu", ["bn"], [f"y{i}"]))
+        model.graph.output.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["n", 4, 8, 8]))
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    assert main(["optimize", str(src), str(out), "--check"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert any(line.startswith("check: 9 of 9 outputs ok") for line in lines)
+    assert main(["optimize", str(src), str(out), "--check", "--verbose"]) == 0
+    assert sum(line.startswith("check y") for line in capsys.readouterr().out.splitlines()) == 9
+    same_outputs(src, out)

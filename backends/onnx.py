@@ -661,11 +661,12 @@ def compare(names: list[str], reference: list[np.ndarray], candidate: list[np.nd
         r = rtol if rtol is not None else 1e-2 if np.asarray(a).dtype == np.float16 else RTOL
         floor = 10 * noise[i] if noise else 0.0
         tol = max(atol + r * max(scale, 1e-3), floor)
-        same = a64.shape == b64.shape
-        err = float(np.abs(a64 - b64).max(initial=0.0)) if same else float("inf")
-        both_nan = same and bool(np.array_equal(np.isnan(a64), np.isnan(b64)))
-        if same and both_nan:  # NaN where the input model gives NaN is agreement
-            err = float(np.nan_to_num(np.abs(a64 - b64), nan=0.0).max(initial=0.0))
+        if a64.shape != b64.shape:
+            err = float("inf")
+        elif not np.array_equal(np.isnan(a64), np.isnan(b64)):
+            err = float("nan")  # NaN on one side only: never within a tolerance
+        else:  # NaN where the input model gives NaN is agreement
+            err = _max_abs_diff(a64, b64)
         rows.append({"output": name, "max_abs_error": err, "tolerance": tol, "ok": err <= tol,
                      "shape": list(a64.shape), "noise_floor": noise[i] if noise else None})
     return rows
@@ -678,9 +679,13 @@ def noise_floor(path: str, feeds: dict, reference: list[np.ndarray]) -> list[flo
         optimized = _session(path, optimized=True).run(None, feeds)
     except Exception:
         return [0.0] * len(reference)
-    return [float(np.nan_to_num(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), nan=0.0).max(initial=0.0))
-            if np.asarray(a).dtype.kind == "f" and np.shape(a) == np.shape(b) else 0.0
+    return [_max_abs_diff(a, b) if np.asarray(a).dtype.kind == "f" and np.shape(a) == np.shape(b) else 0.0
             for a, b in zip(reference, optimized)]
+
+
+def _max_abs_diff(a, b) -> float:
+    """max |a - b| in float64, NaN differences left out."""
+    return float(np.nan_to_num(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), nan=0.0).max(initial=0.0))
 
 
 def load_feeds(specs: list[str]) -> dict[str, np.ndarray]:

@@ -118,14 +118,7 @@ def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[
         ShapeProp(gm).propagate(*example_inputs)
     before = fxpass.graph_stats(fxpass.FxView(gm))
 
-    def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
-        name = _free_name(gm, name)
-        gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-        with gm.graph.inserting_before(before_node):
-            node = gm.graph.get_attr(name)
-        node.meta["val"] = tensor
-        return node
-
+    constant_node = _attribute_constants(gm, parameters=True, meta_key="val")
     run, _ = run_rules(gm, None, constant_node, enabled() if rules is None else rules)
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
@@ -135,6 +128,25 @@ def fuse_graph_module(gm: fx.GraphModule, example_inputs=None, rules: frozenset[
     gm.graph.lint()
     gm.recompile()
     return FusionReport.of(before, fxpass.graph_stats(fxpass.FxView(gm)), run)
+
+
+def _attribute_constants(gm: fx.GraphModule, parameters: bool, meta_key: str):
+    """run_rules' `constant_node`: each new constant an attribute of `gm` (a frozen parameter, or a buffer),
+    read by a get_attr node; its tensor under node.meta[meta_key] (export graphs use "val", dynamo's
+    "example_value")."""
+
+    def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
+        name = _free_name(gm, name)
+        if parameters:
+            gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        else:
+            gm.register_buffer(name, tensor)
+        with gm.graph.inserting_before(before_node):
+            node = gm.graph.get_attr(name)
+        node.meta[meta_key] = tensor
+        return node
+
+    return constant_node
 
 
 def _free_name(gm: nn.Module, name: str) -> str:
@@ -592,21 +604,11 @@ class FrozenGraph:
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
         first = next((n for n in work.graph.nodes if n.op != "placeholder"), None)
+        constant_node = _attribute_constants(work, parameters=False, meta_key="example_value")
         for i in state:
-            name = _free_name(work, f"state_{placeholders[i].name}")
-            work.register_buffer(name, example_inputs[i].detach())
-            with work.graph.inserting_before(first):
-                attr = work.graph.get_attr(name)
+            attr = constant_node(f"state_{placeholders[i].name}", example_inputs[i].detach(), first)
             attr.meta.update(placeholders[i].meta)
             placeholders[i].replace_all_uses_with(attr)
-
-        def constant_node(name: str, tensor: torch.Tensor, before_node: fx.Node) -> fx.Node:
-            name = _free_name(work, name)
-            work.register_buffer(name, tensor)
-            with work.graph.inserting_before(before_node):
-                node = work.graph.get_attr(name)
-            node.meta["example_value"] = tensor
-            return node
 
         with torch.no_grad():
             self.run, _ = run_rules(work, None, constant_node, rules)
